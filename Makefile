@@ -1,0 +1,73 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Each sets itself up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU-only machines get this torch build (the CUDA wheels on PyPI are several GB).
+# Elsewhere, point TORCH_INDEX at PyTorch's CPU wheel index, or install torch first and we reuse it.
+TORCH_CPU ?= torch==2.13.0+cpu
+TORCH_INDEX ?=
+DEMO := data/demo
+RUNS := runs
+
+.PHONY: setup ffmpeg demo demo-data test lint bench clean
+
+ffmpeg:
+	@if command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; then exit 0; fi; \
+	echo "ffmpeg/ffprobe missing: installing with apt-get"; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
+	elif command -v sudo >/dev/null && command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
+	else \
+		echo "ERROR: ffmpeg and ffprobe are required and could not be installed automatically."; \
+		echo "       Install them with your package manager (e.g. 'apt-get install ffmpeg', 'brew install ffmpeg')"; \
+		echo "       so that both are on PATH, then run make again."; exit 1; \
+	fi; \
+	command -v ffprobe >/dev/null || { echo "ERROR: ffprobe still missing after install"; exit 1; }
+
+$(VENV)/.ready: pyproject.toml
+	@set -e; \
+	if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "reusing the installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+		if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then \
+			$(PY) -m pip install -q "torch>=2.4,<3"; \
+		else \
+			$(PY) -m pip install -q "$(TORCH_CPU)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) || { \
+				echo "ERROR: could not install the CPU build '$(TORCH_CPU)'."; \
+				echo "       Install a CPU torch into $(PYTHON) first (it is reused), or run"; \
+				echo "       make TORCH_INDEX=<PyTorch CPU wheel index URL> ..."; exit 1; }; \
+		fi; \
+	fi; \
+	$(PY) -m pip install -q -e ".[test]"; \
+	touch $@
+
+setup: ffmpeg $(VENV)/.ready
+
+# The embedded demo dataset: synthetic motion-only VP9 clips, lists and a validation pass.
+$(DEMO)/.ready: | setup
+	$(PY) -m prep.synth $(DEMO)
+	$(PY) -m prep.validate $(DEMO)/train.txt --root $(DEMO)
+	$(PY) -m prep.validate $(DEMO)/val.txt --root $(DEMO)
+	touch $@
+
+demo-data: $(DEMO)/.ready
+
+demo: demo-data
+	$(PY) -m demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+
+bench: demo-data
+	$(PY) -m dali_pipes.profile configs/demo.yaml --batches 20 --baseline pyav
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache

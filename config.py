@@ -1,0 +1,350 @@
+"""One typed config tree for train.py, evaluate.py and the profiler.
+
+YAML files load strictly into small dataclasses: an unknown key, a wrong type or a missing file is a
+`ConfigError` that names the key (with a did-you-mean) or the file. Dotted command-line overrides
+(`--optim.lr=0.02`) are applied after the file. Each component receives only its own section
+(`build_model(cfg.model)`, `build_loader(cfg.data, ...)`), never the root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: names the file and/or the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections. Every field is documented where it is declared; README.md's config reference lists them.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where clips come from and how they are sampled and augmented (dali_pipes)."""
+
+    root: str = ""  # directory that list paths are relative to ("" = the list file's directory)
+    train_list: str = ""  # "path num_frames label" lines (prep.lists output)
+    val_list: str = ""  # used for validation during training and by evaluate.py
+    source: str = "video"  # video: encoded files; frames: JPEG frame folders (Sth-Sth V1)
+    frame_template: str = "{:05d}.jpg"  # file name of frame i inside a frame folder
+    frame_start: int = 1  # number of the first frame file (Sth-Sth V1 starts at 00001.jpg)
+    device: str = "gpu"  # gpu: NVDEC/nvJPEG + GPU augmentation; cpu: portable CPU route
+    cpu_decoder: str = "pyav"  # cpu decoding route: pyav (seeking, any codec) | dali (VP8/VP9/MJPEG)
+    sampling: str = "uniform"  # uniform (TSN segments) | dense (I3D window) | clip3d (CSN clips)
+    num_segments: int = 8  # T: frames (or snippets) per clip
+    snippet_len: int = 1  # consecutive frames per segment (5 for MSN/TDN)
+    dense_window: int = 64  # dense sampling window; stride = dense_window // num_segments
+    clip_len: int = 32  # clip3d: frames per clip
+    frame_interval: int = 2  # clip3d: step between frames
+    val_sampling: str = "centre"  # dense val start: centre (deterministic) | random (as TSM)
+    input_size: int = 224  # side of the square crop fed to the model
+    scale_size: int = 256  # val/test: resize the short side to this before cropping
+    train_crop: str = "multiscale"  # multiscale (TSN 13 positions) | random_resized (CSN)
+    flip: str = "on"  # off | on | pairs (flip and swap labels listed in flip_pairs)
+    flip_pairs: str = ""  # file of "a b" label pairs swapped on flip (flip: pairs)
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    dtype: str = "float32"  # output dtype: float32 | float16 | bfloat16
+    layout: str = "NTCHW"  # NTCHW (2D models) | NCTHW (3D models)
+    batch_size: int = 8  # clips per rank per step (per video in test mode)
+    num_threads: int = 4  # DALI CPU threads per pipeline
+    num_workers: int = 2  # parallel external-source worker processes (cpu route)
+    prefetch: int = 2  # DALI prefetch queue depth
+    uneven: str = "pad"  # train: ranks get equal batch counts by padding (pad) or dropping (drop)
+    skip_bad: bool = False  # replace an unreadable sample (and count it) instead of raising
+    seed: int = 0  # every random choice derives from (seed, epoch, sample id)
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build (models.build_model)."""
+
+    name: str = "tsm"  # a key of models.MODELS
+    depth: int = 50  # ResNet depth: 18 | 34 | 50 | 101 | 152
+    num_classes: int = 400
+    num_segments: int = 8  # must match data.num_segments
+    dropout: float = 0.5  # before the fc
+    pretrained: str = ""  # torchvision-format ImageNet checkpoint or a models.convert output
+    partial_bn: bool = False  # freeze all BN layers but the first (TSN); recipes turn it off
+    freeze_bn: bool = False  # BN in eval mode without grads (CSN fine-tuning)
+    debug: bool = False  # tiny flavour (narrow, shallow) for tests and the CPU demo
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (train.py)."""
+
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.01  # for the total batch (batch_size * world size * accum_steps)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"  # step | cosine
+    lr_steps: list[int] = field(default_factory=lambda: [20, 40])  # step: epochs where lr *= 0.1
+    warmup_epochs: float = 0.0  # linear warm-up from 0
+    clip_grad: float = 20.0  # max grad norm (0 = off)
+    label_smoothing: float = 0.0
+    fc_lr_mult: bool = False  # new fc gets 5x (weight) / 10x (bias) lr when fine-tuning
+
+
+@dataclass
+class TrainConfig:
+    """The training run (train.py)."""
+
+    epochs: int = 50
+    out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, config.yaml
+    amp: str = "bf16"  # bf16 | fp16 | fp32
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
+    accum_steps: int = 1  # gradient accumulation
+    ema: float = 0.0  # weight EMA decay (0 = off)
+    ckpt_every: int = 1  # epochs between checkpoints (always one at the end)
+    eval_every: int = 1  # epochs between validations (0 = never)
+    log_every: int = 20  # steps between log lines (the only host syncs)
+    nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Multi-view testing (evaluate.py and validation during training)."""
+
+    spatial_crops: int = 1  # 1 (centre) | 3 (left/centre/right along the long side)
+    temporal_clips: int = 1  # N clips per video
+    temporal_mode: str = "centres"  # centres | twice | uniform | dense | clip3d
+    full_res: bool = False  # crop at scale_size (256) instead of input_size
+    fuse: str = "logits"  # average views as logits (TSM family) or softmax (MMAction2, MSN)
+    batch_size: int = 1  # videos per rank per step (each carries all its views)
+
+
+@dataclass
+class Config:
+    """The root. Only train.py / evaluate.py see it; components get their section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Strict loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints widen to floats, nothing else is converted."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} fits none of {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    raise ConfigError(f"{where}: unsupported annotation {tp}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys by name."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line value is read as YAML, so `0.02`, `true`, `[1, 2]` and `abc` all work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--a.b=value` (or `a.b=value`) overrides onto the raw mapping, key names checked later."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override '{item}' must look like --section.key=value")
+        dotted, value = text.split("=", 1)
+        parts = dotted.split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (or defaults when `path` is None), apply overrides, validate everything."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            hint = ""
+            if p.parent.is_dir():
+                hint = _did_you_mean(p.name, [q.name for q in p.parent.iterdir()])
+            raise ConfigError(f"config file not found: {p}{hint}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        cfg = _build(Config, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+    check_config(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "data.source": ("video", "frames"),
+    "data.device": ("gpu", "cpu"),
+    "data.cpu_decoder": ("pyav", "dali"),
+    "data.sampling": ("uniform", "dense", "clip3d"),
+    "data.val_sampling": ("centre", "random"),
+    "data.train_crop": ("multiscale", "random_resized"),
+    "data.flip": ("off", "on", "pairs"),
+    "data.dtype": ("float32", "float16", "bfloat16"),
+    "data.layout": ("NTCHW", "NCTHW"),
+    "data.uneven": ("pad", "drop"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.schedule": ("step", "cosine"),
+    "train.amp": ("bf16", "fp16", "fp32"),
+    "train.nonfinite": ("stop", "skip"),
+    "eval.spatial_crops": (1, 3),
+    "eval.temporal_mode": ("centres", "twice", "uniform", "dense", "clip3d"),
+    "eval.fuse": ("logits", "softmax"),
+}
+
+
+def check_config(cfg: Config) -> None:
+    """Value checks that types cannot express; each error names its key."""
+    for dotted, allowed in _CHOICES.items():
+        value = get_dotted(cfg, dotted)
+        if value not in allowed:
+            raise ConfigError(
+                f"{dotted}: {value!r} is not one of {', '.join(map(str, allowed))}"
+                + _did_you_mean(str(value), [str(a) for a in allowed])
+            )
+    if cfg.data.flip == "pairs" and not cfg.data.flip_pairs:
+        raise ConfigError("data.flip_pairs: required when data.flip is 'pairs'")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
+        raise ConfigError("data.mean / data.std: need 3 values (RGB)")
+    if cfg.model.num_segments != cfg.data.num_segments and cfg.data.sampling != "clip3d":
+        raise ConfigError(
+            f"model.num_segments ({cfg.model.num_segments}) differs from data.num_segments "
+            f"({cfg.data.num_segments})"
+        )
+    for dotted in ("data.num_segments", "data.batch_size", "train.epochs", "train.accum_steps"):
+        if get_dotted(cfg, dotted) < 1:
+            raise ConfigError(f"{dotted}: must be >= 1")
+
+
+def get_dotted(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config (for YAML dumps and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(raw: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. the copy stored in a checkpoint)."""
+    cfg = _build(Config, raw, "")
+    check_config(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def split_cli(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate dotted overrides (`--a.b=v`) from a script's own arguments."""
+    overrides, rest = [], []
+    for arg in argv:
+        head = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        (overrides if "." in head and "=" in arg else rest).append(arg)
+    return overrides, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python config.py CONFIG [--a.b=v ...]`: print the resolved config."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides, rest = split_cli(argv)
+    rest = [a for a in rest if a != "--print-config"]
+    try:
+        cfg = load_config(rest[0] if rest else None, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(dump_yaml(cfg), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

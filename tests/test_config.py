@@ -1,0 +1,61 @@
+import pytest
+
+from config import Config, ConfigError, dump_yaml, from_dict, load_config, split_cli, to_dict
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_sections(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  name: tam\n  num_classes: 174\n"))
+    assert isinstance(cfg, Config)
+    assert cfg.model.name == "tam" and cfg.model.num_classes == 174
+    assert cfg.optim.lr == 0.01
+
+
+def test_unknown_key_named_with_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr'.*did you mean 'lr'"):
+        load_config(write(tmp_path, "optim:\n  lrr: 0.1\n"))
+    with pytest.raises(ConfigError, match=r"unknown key 'modle'.*did you mean 'model'"):
+        load_config(write(tmp_path, "modle:\n  name: tsm\n"))
+
+
+def test_wrong_type_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim.lr: expected a number"):
+        load_config(write(tmp_path, "optim:\n  lr: fast\n"))
+    with pytest.raises(ConfigError, match=r"train.epochs: expected an integer"):
+        load_config(write(tmp_path, "train:\n  epochs: 2.5\n"))
+    with pytest.raises(ConfigError, match=r"data.mean\[1\]: expected a number"):
+        load_config(write(tmp_path, "data:\n  mean: [0.1, x, 0.2]\n"))
+
+
+def test_bad_choice_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.sampling: 'dens'.*did you mean 'dense'"):
+        load_config(write(tmp_path, "data:\n  sampling: dens\n"))
+
+
+def test_missing_file_named(tmp_path):
+    (tmp_path / "demo.yaml").write_text("")
+    with pytest.raises(ConfigError, match=r"config file not found: .*dmeo.yaml.*did you mean 'demo.yaml'"):
+        load_config(tmp_path / "dmeo.yaml")
+
+
+def test_overrides(tmp_path):
+    p = write(tmp_path, "optim:\n  lr: 0.1\n")
+    cfg = load_config(p, ["--optim.lr=0.02", "--optim.lr_steps=[3, 4]", "--train.amp=fp16"])
+    assert cfg.optim.lr == 0.02 and cfg.optim.lr_steps == [3, 4] and cfg.train.amp == "fp16"
+    with pytest.raises(ConfigError, match="unknown key 'optim.rate'"):
+        load_config(p, ["--optim.rate=1"])
+    with pytest.raises(ConfigError, match="must look like"):
+        load_config(p, ["--optim.lr"])
+
+
+def test_round_trip_and_cli_split():
+    cfg = load_config(None, ["--model.depth=18"])
+    assert from_dict(to_dict(cfg)) == cfg
+    assert "depth: 18" in dump_yaml(cfg)
+    ov, rest = split_cli(["c.yaml", "--optim.lr=1", "--resume", "auto", "--print-config"])
+    assert ov == ["--optim.lr=1"] and rest == ["c.yaml", "--resume", "auto", "--print-config"]
