@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -22,6 +23,24 @@ import yaml
 
 class ConfigError(ValueError):
     """A config problem, phrased for the user: names the file and/or the dotted key."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader whose booleans are only true/false (YAML 1.2), so `flip: on` stays the string 'on'."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def yaml_load(text: str):
+    """Parse config YAML with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,6 +98,7 @@ class ModelConfig:
     partial_bn: bool = False  # freeze all BN layers but the first (TSN); recipes turn it off
     freeze_bn: bool = False  # BN in eval mode without grads (CSN fine-tuning)
     debug: bool = False  # tiny flavour (narrow, shallow) for tests and the CPU demo
+    ctnet_freeze: bool = False  # ctnet: train only the CT blocks and the fc (official CT-Net recipe)
 
 
 @dataclass
@@ -95,6 +115,10 @@ class OptimConfig:
     clip_grad: float = 20.0  # max grad norm (0 = off)
     label_smoothing: float = 0.0
     fc_lr_mult: bool = False  # new fc gets 5x (weight) / 10x (bias) lr when fine-tuning
+    param_groups: str = "tsn"  # tsn: biases 2x lr no decay, BN no decay | flat: one group (MSN/TDN, CSN)
+    ref_batch: int = 0  # lr is quoted for this total batch and scaled linearly to the real one (0: as is)
+    lr_decay: float = 0.1  # step schedule: lr *= lr_decay at each of lr_steps
+    warmup_start: float = 0.0  # warm-up starts at this fraction of lr (mmaction2 recipes: 0.1)
 
 
 @dataclass
@@ -113,6 +137,10 @@ class TrainConfig:
     log_every: int = 20  # steps between log lines (the only host syncs)
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
     seed: int = 0
+    stop_at_step: int = 0  # end this job after this optimizer step with a checkpoint (0: run all epochs)
+    keep_ckpts: int = 0  # keep only the newest N checkpoints in out_dir (0: keep all)
+    progress: bool = True  # rich progress bar on rank 0 (log lines are printed either way when not a tty)
+    threads: int = 0  # torch CPU threads per process (0: torch's default; 1 suits small CPU boxes)
 
 
 @dataclass
@@ -121,10 +149,27 @@ class EvalConfig:
 
     spatial_crops: int = 1  # 1 (centre) | 3 (left/centre/right along the long side)
     temporal_clips: int = 1  # N clips per video
-    temporal_mode: str = "centres"  # centres | twice | uniform | dense | clip3d
+    # auto (by data.sampling: uniform -> centres/twice/uniform for 1/2/N clips, dense -> dense,
+    # clip3d -> clip3d) | centres | twice | uniform | dense | clip3d; names as in sampling.md
+    temporal_mode: str = "auto"
     full_res: bool = False  # crop at scale_size (256) instead of input_size
     fuse: str = "logits"  # average views as logits (TSM family) or softmax (MMAction2, MSN)
-    batch_size: int = 1  # videos per rank per step (each carries all its views)
+    batch_size: int = 8  # videos per rank per step, each with all its views (TAM tests 3x10 with 8)
+
+    def resolved(self, sampling: str) -> EvalConfig:
+        """A copy with `temporal_mode: auto` made concrete, so the loader sees a named mode."""
+        mode, clips = self.temporal_mode, self.temporal_clips
+        if mode == "auto":
+            by_clips = {1: "centres", 2: "twice"}
+            mode = {"uniform": by_clips.get(clips, "uniform"), "dense": "dense", "clip3d": "clip3d"}[sampling]
+        if clips < 1:
+            raise ConfigError(f"eval.temporal_clips: must be >= 1, got {clips}")
+        fixed = {"centres": 1, "twice": 2}.get(mode)
+        if fixed is not None and clips != fixed:
+            raise ConfigError(
+                f"eval.temporal_mode: '{mode}' gives {fixed} clip(s) but eval.temporal_clips is {clips}"
+            )
+        return dataclasses.replace(self, temporal_mode=mode)
 
 
 @dataclass
@@ -209,7 +254,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 def _parse_scalar(text: str) -> Any:
     """A command-line value is read as YAML, so `0.02`, `true`, `[1, 2]` and `abc` all work."""
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError:
         return text
 
@@ -242,7 +287,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                 hint = _did_you_mean(p.name, [q.name for q in p.parent.iterdir()])
             raise ConfigError(f"config file not found: {p}{hint}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -269,10 +314,11 @@ _CHOICES = {
     "data.uneven": ("pad", "drop"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("step", "cosine"),
+    "optim.param_groups": ("tsn", "flat"),
     "train.amp": ("bf16", "fp16", "fp32"),
     "train.nonfinite": ("stop", "skip"),
     "eval.spatial_crops": (1, 3),
-    "eval.temporal_mode": ("centres", "twice", "uniform", "dense", "clip3d"),
+    "eval.temporal_mode": ("auto", "centres", "twice", "uniform", "dense", "clip3d"),
     "eval.fuse": ("logits", "softmax"),
 }
 

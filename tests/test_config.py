@@ -59,3 +59,9 @@ def test_round_trip_and_cli_split():
     assert "depth: 18" in dump_yaml(cfg)
     ov, rest = split_cli(["c.yaml", "--optim.lr=1", "--resume", "auto", "--print-config"])
     assert ov == ["--optim.lr=1"] and rest == ["c.yaml", "--resume", "auto", "--print-config"]
+
+
+def test_yaml_on_off_are_strings(tmp_path):
+    cfg = load_config(write(tmp_path, "data:\n  flip: off\ntrain:\n  compile: true\n"), ["--data.flip=on"])
+    assert cfg.data.flip == "on" and cfg.train.compile is True
+    assert load_config(write(tmp_path, "data:\n  flip: off\n")).data.flip == "off"
