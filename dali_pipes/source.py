@@ -1,0 +1,226 @@
+"""Per-rank sample stream for DALI's parallel external source.
+
+`epoch_order` decides which list lines a rank reads in an epoch (pure: seed, epoch, rank, world).
+`ClipSource` is the per-sample callback DALI runs in its worker processes: it maps DALI's
+(epoch_idx, idx_in_epoch) to a list line, samples frame indices and crop/flip parameters from
+(seed, epoch, sample id), and returns either decoded frames (PyAV route), the encoded file plus
+indices (DALI decoders) or one JPEG (frame folders). Bad files are detected here, per sample, so
+the error names the file and the list line instead of failing a whole DALI batch anonymously.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .augment import eval_crops, flip_and_label, multiscale_crop, random_resized_crop, to_roi
+from .listfile import Entry
+from .sampling import REPLACE, SPATIAL, SamplingOptions, clip_indices, sample_rng
+from .video_io import VideoIndex, VideoReadError, decode_frames, index_video
+
+log = logging.getLogger(__name__)
+DALI_CPU_CODECS = ("vp8", "vp9", "libvpx", "libvpx-vp9", "mjpeg")
+PAD = -1  # order entry of a padding slot in evaluation (dropped by the loader)
+
+
+class ClipLoadError(RuntimeError):
+    """A listed sample that cannot be read; the message names the list line and the file."""
+
+
+def epoch_order(
+    num_videos: int, split: str, seed: int, epoch: int, rank: int, world: int, batch: int, uneven: str
+) -> np.ndarray:
+    """List lines this rank reads this epoch, a whole number of batches long.
+
+    train: one permutation from (seed, epoch) shared by all ranks; rank r takes every world-th
+    entry. `pad` extends the permutation cyclically so every rank gets ceil(n/world) samples and the
+    last batch is filled the same way (no sample lost); `drop` keeps floor(n/world) per rank and
+    whole batches only. Either way every rank has the same batch count.
+    val/test: list order, rank r takes lines r, r+world, ...; the last batch is padded with PAD.
+    """
+    if split == "train":
+        perm = np.random.default_rng([seed, epoch, 7]).permutation(num_videos)
+        if uneven == "pad":
+            per_rank = math.ceil(num_videos / world)
+            nb = math.ceil(per_rank / batch)
+            perm = np.resize(perm, per_rank * world)
+        else:
+            per_rank = num_videos // world
+            nb = per_rank // batch
+            perm = perm[: per_rank * world]
+        mine = perm[rank::world]
+        if len(mine) == 0:
+            return mine
+        return np.resize(mine, nb * batch)
+    mine = np.arange(rank, num_videos, world)
+    nb = math.ceil(len(mine) / batch)
+    return np.concatenate([mine, np.full(nb * batch - len(mine), PAD, dtype=mine.dtype)])
+
+
+@dataclass
+class SpatialOptions:
+    input_size: int = 224
+    scale_size: int = 256
+    train_crop: str = "multiscale"
+    flip: str = "on"
+    flip_pairs: dict[int, int] = field(default_factory=dict)
+    spatial_crops: int = 1
+    full_res: bool = False
+
+    @property
+    def out_size(self) -> int:
+        return self.scale_size if self.full_res else self.input_size
+
+
+@dataclass
+class ClipSource:
+    """Picklable per-sample callback (runs in DALI worker processes; also usable serially)."""
+
+    entries: list[Entry]
+    kind: str  # pyav | bytes | frames
+    split: str
+    sampling: SamplingOptions
+    spatial: SpatialOptions
+    seed: int
+    rank: int
+    world: int
+    batch: int  # videos per batch
+    uneven: str = "pad"
+    skip_bad: bool = False
+    frame_template: str = "{:05d}.jpg"
+    frame_start: int = 1
+    device: str = "cpu"  # where kind "bytes" decodes: DALI's CPU decoder knows only DALI_CPU_CODECS
+    base_epoch: int = 0
+    start_batch: int = 0
+    _orders: dict = field(default_factory=dict, repr=False)
+    _index: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def group(self) -> int:
+        """DALI samples per video: 1, or every frame of every clip for frame folders."""
+        if self.kind != "frames":
+            return 1
+        return self.sampling.clips(self.split) * self.sampling.frames_per_clip
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(len(self.entries), self.split, self.seed, epoch, self.rank,
+                                               self.world, self.batch, self.uneven)}  # fmt: skip
+        return self._orders[epoch]
+
+    def __call__(self, info) -> tuple:
+        epoch = self.base_epoch + info.epoch_idx
+        skip = self.start_batch * self.batch * self.group if info.epoch_idx == 0 else 0
+        pos, frame_k = divmod(skip + info.idx_in_epoch, self.group)
+        order = self.order(epoch)
+        if pos >= len(order):
+            raise StopIteration
+        sid = int(order[pos])
+        out_id = sid
+        if sid == PAD:
+            sid = int(order[0])
+        return self.load(sid, epoch, frame_k, out_id)
+
+    def load(self, sid: int, epoch: int, frame_k: int = 0, out_id: int | None = None) -> tuple:
+        """The outputs for list line `sid`, or a deterministic replacement when skip_bad."""
+        out_id = sid if out_id is None else out_id
+        tried = sid
+        for attempt in range(20 if self.skip_bad else 1):
+            try:
+                outputs = self._load_one(tried, epoch, frame_k)
+            except (VideoReadError, OSError) as e:
+                entry = self.entries[tried]
+                msg = f"{entry.where}: bad sample {entry.path}: {e}"
+                if not self.skip_bad:
+                    raise ClipLoadError(msg) from None
+                if frame_k == 0:
+                    log.warning("%s (data.skip_bad: replaced)", msg)
+                tried = int(sample_rng(self.seed, epoch, sid, REPLACE + attempt).integers(len(self.entries)))
+                continue
+            replaced = np.array(int(tried != sid), dtype=np.int32)
+            # train: the replacement's own line; eval: -2, so the loader drops it (each video once)
+            replacement_id = tried if self.split == "train" else -2
+            ident = np.array(out_id if tried == sid else replacement_id, dtype=np.int64)
+            return (*outputs, ident, replaced)
+        raise ClipLoadError(f"{self.entries[sid].where}: 20 replacement samples in a row were bad too")
+
+    # ---- one sample ------------------------------------------------------------------------------
+
+    def _video_index(self, entry: Entry) -> VideoIndex:
+        idx = self._index.get(entry.path)
+        if idx is None:
+            idx = index_video(entry.path)
+            if len(self._index) > 512:
+                self._index.clear()
+            self._index[entry.path] = idx
+        if idx.num_frames < entry.num_frames:
+            raise VideoReadError(
+                f"shorter than listed: {idx.num_frames} frames decodable, the list says {entry.num_frames}"
+            )
+        return idx
+
+    def _frame_size(self, entry: Entry) -> tuple[int, int]:
+        from PIL import Image
+
+        first = os.path.join(entry.path, self.frame_template.format(self.frame_start))
+        with Image.open(first) as im:
+            return im.size
+
+    def _load_one(self, sid: int, epoch: int, frame_k: int) -> tuple:
+        entry = self.entries[sid]
+        indices = clip_indices(entry.num_frames, self.split, self.sampling, self.seed, epoch, sid).ravel()
+        if self.kind == "frames":
+            if not os.path.isdir(entry.path):
+                raise VideoReadError("frame folder not found")
+            names = [os.path.join(entry.path, self.frame_template.format(self.frame_start + int(i)))
+                     for i in indices]  # fmt: skip
+            for name in names:  # the whole clip, so every frame sample of it agrees on replacement
+                if not os.path.isfile(name) or os.path.getsize(name) == 0:
+                    raise VideoReadError(f"frame file {name} missing or empty (folder shorter than listed?)")
+            width, height = self._frame_size(entry)
+            name = names[frame_k]
+            with open(name, "rb") as f:
+                data = f.read()
+            if len(data) < 4 or data[:2] != b"\xff\xd8":
+                raise VideoReadError(f"frame file {name} is empty or not a JPEG")
+            payload: tuple = (np.frombuffer(data, dtype=np.uint8),)
+        elif self.kind == "pyav":
+            idx = self._video_index(entry)
+            frames = decode_frames(entry.path, indices, idx)
+            height, width = frames.shape[1:3]
+            payload = (frames,)
+        else:  # bytes for fn.decoders.video; the index check keeps DALI from padding black frames
+            idx = self._video_index(entry)
+            if self.device == "cpu" and idx.codec not in DALI_CPU_CODECS:
+                raise VideoReadError(
+                    f"codec {idx.codec} is not supported by DALI's CPU video decoder (VP8/VP9/MJPEG); "
+                    "use data.cpu_decoder: pyav"
+                )
+            width, height = idx.width, idx.height
+            with open(entry.path, "rb") as f:
+                data = np.frombuffer(f.read(), dtype=np.uint8)
+            payload = (data, indices.astype(np.int32))
+        rois, mirror, label = self.spatial_params(width, height, entry.label, epoch, sid)
+        return (*payload, rois, mirror, np.array(label, dtype=np.int64))
+
+    def spatial_params(self, width: int, height: int, label: int, epoch: int, sid: int) -> tuple:
+        """Relative crop boxes (crops, 4), mirror flag and (possibly swapped) label for one video."""
+        sp = self.spatial
+        if self.split == "train":
+            rng = sample_rng(self.seed, epoch, sid, SPATIAL)
+            if sp.train_crop == "multiscale":
+                box = multiscale_crop(width, height, sp.input_size, rng)
+            else:
+                box = random_resized_crop(width, height, rng)
+            mirror, label = flip_and_label(sp.flip, sp.flip_pairs, label, rng)
+            boxes = [box]
+        else:
+            crops = sp.spatial_crops if self.split == "test" else 1
+            boxes = eval_crops(width, height, sp.out_size, sp.scale_size, crops)
+            mirror = 0
+        rois = np.array([to_roi(b, width, height) for b in boxes], dtype=np.float32)
+        return rois, np.array(mirror, dtype=np.int32), label

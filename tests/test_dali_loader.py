@@ -1,0 +1,350 @@
+"""build_loader on CPU (device_id=None): frames, layouts, flips, sharding, determinism, resume, bad input.
+
+Tiny VP9 clips (64x48, 32-48 frames); pipelines use batch 2-3, 1 thread, 1-2 workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import frame_content, write_clip
+from PIL import Image
+
+from config import DataConfig, EvalConfig
+from dali_pipes.loader import build_loader
+from dali_pipes.sampling import clip_indices
+from dali_pipes.source import ClipLoadError
+from dali_pipes.video_io import decode_all, decode_frames, index_video
+
+W, H = 64, 48
+RAW = dict(mean=[0.0, 0.0, 0.0], std=[1 / 255] * 3)  # normalisation off: outputs are pixel values
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ffmpeg_available) -> Path:
+    root = tmp_path_factory.mktemp("clips")
+    lines = []
+    for i in range(7):
+        nf = 32 + (i * 5) % 17
+        write_clip(root / f"videos/v {i}.webm", num_frames=nf, width=W, height=H, gop=8, seed=i)
+        lines.append(f"videos/v {i}.webm {nf} {i % 3}")
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    (root / "pairs.txt").write_text("0 1\n")
+    return root
+
+
+def cfg(root: Path, **kw) -> DataConfig:
+    listed = str(root / "list.txt")
+    base = dict(train_list=listed, val_list=listed, device="cpu", input_size=32, scale_size=40,
+                batch_size=2, num_threads=1, num_workers=1, prefetch=1)  # fmt: skip
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def collect(loader, epochs: int = 1) -> list[dict]:
+    out = []
+    for _ in range(epochs):
+        out += [{k: v.clone() for k, v in b.items()} for b in loader]
+    return out
+
+
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    if len(a) != len(b):
+        return False
+    return all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
+
+
+def entry_frames(root: Path, i: int) -> np.ndarray:
+    return decode_all(str(root / f"videos/v {i}.webm"))
+
+
+@pytest.mark.parametrize("codec", ["vp9", "vp8", "h264", "mjpeg", "h264_bframes"])
+def test_pyav_seeking_is_exact(tmp_path, ffmpeg_available, codec):
+    name = tmp_path / f"c.{'mp4' if codec.startswith('h264') else 'mkv'}"
+    if codec == "h264_bframes":  # reordered frames + an mp4 edit list, as in real Kinetics files
+        cmd = ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"testsrc=size={W}x{H}:rate=25",
+               "-frames:v", "40", "-c:v", "libx264", "-bf", "3", "-g", "8", str(name)]  # fmt: skip
+        subprocess.run(cmd, check=True)
+        path = str(name)
+    else:
+        path = str(write_clip(name, 40, W, H, codec=codec, gop=8))
+    ref = decode_all(path)
+    assert index_video(path).num_frames == len(ref) == 40
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        want = rng.integers(0, 40, size=8)
+        assert np.array_equal(decode_frames(path, want), ref[want])
+
+
+def check_matches_indices(clips: np.ndarray, ref: np.ndarray, want: np.ndarray, tol: float) -> None:
+    """Each output frame is nearest to its own index's frame, and within `tol` median levels of it."""
+    crop = ref[:, :, 8:56].astype(np.float32)  # the val centre square of a 64x48 frame
+    for out, i in zip(clips, want, strict=True):
+        img = out.transpose(1, 2, 0)
+        own = np.abs(img - crop[i])
+        assert np.median(own) <= tol, (i, np.median(own))
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(ref) and j != i:
+                assert np.abs(img - crop[j]).mean() > own.mean() + 5
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "dali"])
+def test_decoded_frames_are_the_requested_ones(dataset, decoder):
+    data = cfg(dataset, cpu_decoder=decoder, input_size=48, scale_size=48, **RAW)
+    loader = build_loader(data, "val")
+    batch = next(iter(loader))
+    loader.close()
+    for clip, sid in zip(batch["clips"][:, 0].numpy(), batch["ids"].tolist(), strict=True):
+        ref = entry_frames(dataset, sid)
+        want = clip_indices(len(ref), "val", loader.sampling, sample_id=sid)[0]
+        # PyAV route: same conversion, identity resize -> exact up to float rounding
+        check_matches_indices(clip, ref, want, tol=0.5 if decoder == "pyav" else 5.0)
+
+
+def test_option_errors_are_raised_up_front(dataset):
+    with pytest.raises(ValueError, match="temporal_clips"):
+        build_loader(cfg(dataset), "test", views=EvalConfig(temporal_mode="centres", temporal_clips=3))
+    with pytest.raises(ValueError, match="device_id"):
+        build_loader(cfg(dataset, device="gpu"), "train")
+
+
+def test_shapes_layouts_dtypes(dataset):
+    views = EvalConfig(spatial_crops=3, temporal_clips=2, temporal_mode="uniform", batch_size=3)
+    cases = [
+        ("train", dict(), None, (2, 8, 3, 32, 32), torch.float32),
+        ("train", dict(layout="NCTHW", sampling="clip3d", clip_len=4, frame_interval=2, dtype="float16"),
+         None, (2, 3, 4, 32, 32), torch.float16),
+        ("train", dict(snippet_len=5, num_segments=2, dtype="bfloat16", train_crop="random_resized"),
+         None, (2, 10, 3, 32, 32), torch.bfloat16),
+        ("val", dict(sampling="dense"), None, (2, 1, 8, 3, 32, 32), torch.float32),
+        ("test", dict(), views, (3, 6, 8, 3, 32, 32), torch.float32),
+        ("test", dict(sampling="dense"), EvalConfig(temporal_clips=2, batch_size=3), (3, 2, 8, 3, 32, 32),
+         torch.float32),  # eval.temporal_mode auto -> dense-2
+        ("test", dict(layout="NCTHW"), dataclasses.replace(views, full_res=True), (3, 6, 3, 8, 40, 40),
+         torch.float32),
+    ]  # fmt: skip
+    for mode, kw, v, shape, dtype in cases:
+        loader = build_loader(cfg(dataset, **kw), mode, views=v)
+        batch = next(iter(loader))
+        loader.close()
+        assert tuple(batch["clips"].shape) == shape, (mode, kw)
+        assert batch["clips"].dtype == dtype and batch["labels"].dtype == torch.int64
+        assert batch["ids"].dtype == torch.int64 and batch["clips"].device.type == "cpu"
+        assert torch.isfinite(batch["clips"].float()).all()
+
+
+def test_test_views_order(dataset):
+    """View v = clip * crops + crop: the 3 crops of one clip are left/centre/right of the same frames."""
+    views = EvalConfig(spatial_crops=3, temporal_clips=2, temporal_mode="twice", batch_size=1)
+    loader = build_loader(cfg(dataset, input_size=48, scale_size=48, **RAW), "test", views=views)
+    batch = next(iter(loader))
+    loader.close()
+    ref = entry_frames(dataset, 0).astype(np.float32)
+    want = clip_indices(len(ref), "test", loader.sampling, sample_id=0)
+    clips = batch["clips"][0].numpy()  # (6, T, C, H, W)
+    for v in range(6):
+        clip, crop = divmod(v, 3)
+        x0 = (0, 8, 16)[crop]
+        img = clips[v, 3].transpose(1, 2, 0)
+        assert np.abs(img - ref[want[clip, 3], :, x0 : x0 + 48]).max() < 1.0
+
+
+def test_flip_and_label_swap(dataset):
+    on = build_loader(cfg(dataset, flip="pairs", flip_pairs=str(dataset / "pairs.txt"), seed=3), "train")
+    off = build_loader(cfg(dataset, flip="off", seed=3), "train")
+    a, b = collect(on), collect(off)
+    on.close()
+    off.close()
+    flipped = 0
+    for x, y in zip(a, b, strict=True):
+        for k in range(len(x["ids"])):
+            sid = int(x["ids"][k])
+            assert sid == int(y["ids"][k])
+            same = torch.equal(x["clips"][k], y["clips"][k])
+            if torch.equal(x["clips"][k], y["clips"][k].flip(-1)) and not same:
+                flipped += 1
+                true = sid % 3
+                assert int(x["labels"][k]) == {0: 1, 1: 0}.get(true, true)
+            else:
+                assert torch.equal(x["clips"][k], y["clips"][k]) and int(x["labels"][k]) == sid % 3
+    assert 0 < flipped < 8
+
+
+def test_two_ranks_cover_eval_once(dataset):
+    ids = []
+    for rank in range(2):
+        loader = build_loader(cfg(dataset, batch_size=3), "val", rank=rank, world_size=2)
+        got = collect(loader)
+        loader.close()
+        assert len(got) == len(loader)
+        ids += [i for b in got for i in b["ids"].tolist()]
+    assert sorted(ids) == list(range(7))
+    one = dataset / "one.txt"
+    one.write_text((dataset / "list.txt").read_text().splitlines()[0] + "\n")
+    idle = build_loader(cfg(dataset, val_list=str(one)), "val", rank=1, world_size=2)
+    assert len(idle) == 0 and collect(idle) == []  # more ranks than videos: nothing, no error
+    lens = [len(build_loader(cfg(dataset, uneven=u), "train", rank=r, world_size=2)) for u in ("pad", "drop")
+            for r in range(2)]  # fmt: skip
+    assert lens[0] == lens[1] == 2 and lens[2] == lens[3] == 1
+
+
+def test_same_seed_same_batches_and_resume(dataset):
+    data = cfg(dataset, seed=5, num_workers=2)
+    full = build_loader(data, "train")
+    ref = collect(full, epochs=2)  # epoch 0 then epoch 1 (the loader moves on by itself)
+    full.close()
+    other = build_loader(dataclasses.replace(data, seed=6), "train")
+    assert not same_batches(ref[:4], collect(other))
+    other.close()
+    serial = build_loader(dataclasses.replace(data, num_workers=0), "train")  # no worker processes
+    assert same_batches(ref[:4], collect(serial))
+    serial.close()
+    first = build_loader(data, "train")
+    got = []
+    for batch in first:
+        got.append({k: v.clone() for k, v in batch.items()})
+        if len(got) == 3:
+            break
+    state = first.state_dict()
+    first.close()
+    assert state["epoch"] == 0 and state["position"] == 3
+    resumed = build_loader(data, "train")
+    resumed.load_state_dict(state)
+    resumed.set_epoch(0)  # what a trainer does at the top of the epoch: keeps the position
+    got += collect(resumed, epochs=2)
+    resumed.close()
+    assert same_batches(got, ref)
+
+
+def test_frame_folders(tmp_path, ffmpeg_available):
+    lines = []
+    for v in range(3):
+        folder = tmp_path / f"f{v}"
+        folder.mkdir()
+        for k in range(20):
+            Image.fromarray(frame_content(k, W, H, v)).save(folder / f"{k + 1:05d}.jpg", quality=95)
+        lines.append(f"f{v} 20 {v}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    data = cfg(tmp_path, source="frames", input_size=48, scale_size=48, num_segments=4, **RAW)
+    loader = build_loader(data, "val")
+    batch = next(iter(loader))
+    assert tuple(batch["clips"].shape) == (2, 1, 4, 3, 48, 48)
+    for clip, sid in zip(batch["clips"][:, 0].numpy(), batch["ids"].tolist(), strict=True):
+        ref = np.stack([frame_content(k, W, H, sid) for k in range(20)])
+        check_matches_indices(clip, ref, clip_indices(20, "val", loader.sampling)[0], tol=6.0)
+    loader.close()
+    train = build_loader(dataclasses.replace(data, layout="NCTHW"), "train")
+    assert tuple(next(iter(train))["clips"].shape) == (2, 3, 4, 48, 48)
+    train.close()
+    for k in range(1, 21):  # headers intact, no image data: only the JPEG decoder notices
+        name = tmp_path / f"f2/{k:05d}.jpg"
+        jpeg = name.read_bytes()
+        name.write_bytes(jpeg[: jpeg.find(b"\xff\xda")] + b"\xff\xd9")
+    with pytest.raises(ClipLoadError, match=r"list.txt:3: .*f2.*after DALI failed"):
+        collect(build_loader(data, "val"))
+    shutil.rmtree(tmp_path / "f1")
+    with pytest.raises(ClipLoadError, match=r"list.txt:2: .*f1"):
+        collect(build_loader(data, "val"))
+
+
+def bad_dataset(root: Path, dataset: Path, kind: str) -> Path:
+    """The good list with line 3 made bad in one way."""
+    lines = (dataset / "list.txt").read_text().splitlines()
+    target = root / "bad.webm"
+    if kind == "missing":
+        lines[2] = f"{root}/nothere.webm 40 0"
+    elif kind == "empty":
+        target.write_bytes(b"")
+        lines[2] = f"{target} 40 0"
+    elif kind == "garbage":
+        target.write_bytes(np.random.default_rng(0).bytes(5000))
+        lines[2] = f"{target} 40 0"
+    else:  # shorter than listed
+        lines[2] = lines[2].rsplit(maxsplit=2)[0] + " 60 0"
+    (root / "list.txt").write_text("\n".join(f"{dataset}/{ln}" if not ln.startswith("/") else ln
+                                             for ln in lines) + "\n")  # fmt: skip
+    return root
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "garbage", "short"])
+def test_bad_input_names_file_and_line(tmp_path, dataset, kind):
+    root = bad_dataset(tmp_path, dataset, kind)
+    with pytest.raises(ClipLoadError, match=r"list.txt:3: bad sample .*(nothere|bad|v 2)"):
+        collect(build_loader(cfg(root), "val"))
+
+
+def test_bad_input_dali_decoder_and_skip(tmp_path, dataset):
+    root = bad_dataset(tmp_path, dataset, "garbage")
+    with pytest.raises(ClipLoadError, match=r"list.txt:3: .*bad.webm"):
+        collect(build_loader(cfg(root, cpu_decoder="dali"), "val"))
+    train = build_loader(cfg(root, skip_bad=True), "train")
+    batches = collect(train)
+    assert train.skipped >= 1 and 2 not in [i for b in batches for i in b["ids"].tolist()]
+    train.close()
+    val = build_loader(cfg(root, skip_bad=True), "val")
+    ids = [i for b in collect(val) for i in b["ids"].tolist()]
+    assert sorted(ids) == [0, 1, 3, 4, 5, 6] and val.skipped == 1
+    val.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source", ["video", "frames"])
+def test_gpu_route_matches_cpu(dataset, source, tmp_path):
+    """NVDEC / nvJPEG + GPU ops give the CPU route's clips (up to colour conversion)."""
+    root = dataset
+    if source == "frames":
+        for v in range(2):
+            (tmp_path / f"f{v}").mkdir()
+            for k in range(20):
+                image = Image.fromarray(frame_content(k, W, H, v))
+                image.save(tmp_path / f"f{v}/{k + 1:05d}.jpg", quality=95)
+        (tmp_path / "list.txt").write_text("f0 20 0\nf1 20 1\n")
+        root = tmp_path
+    data = cfg(root, source=source, num_segments=4)
+    gpu = build_loader(dataclasses.replace(data, device="gpu"), "val", device_id=0)
+    cpu = build_loader(data, "val")
+    a, b = next(iter(gpu)), next(iter(cpu))
+    assert a["clips"].device.type == "cuda" and a["labels"].device.type == "cuda"
+    assert (a["clips"].cpu() - b["clips"]).abs().median() < 0.1
+
+
+def test_profiler_table(dataset, tmp_path, capsys):
+    from dali_pipes.profile import main
+
+    config = tmp_path / "p.yaml"
+    config.write_text(f"data:\n  train_list: {dataset / 'list.txt'}\n  device: cpu\n  input_size: 32\n"
+                      "  batch_size: 2\n  num_workers: 1\n  num_threads: 1\n")  # fmt: skip
+    rc = main([str(config), "--batches", "2", "--warmup", "1", "--decoders", "pyav,dali",
+               "--baseline", "pyav", "--baseline", "decord",
+               "--data.num_segments=4", "--model.num_segments=4"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "DALI cpu (pyav decode)" in out and "DALI cpu (dali decode)" in out and "1.00x" in out
+    assert "clips/s" in out and ("decord is not importable" in out or "DataLoader + decord" in out)
+
+
+def test_dali_cpu_decoder_rejects_h264_by_name(tmp_path, ffmpeg_available):
+    write_clip(tmp_path / "a.mp4", 32, W, H, codec="h264")
+    (tmp_path / "list.txt").write_text("a.mp4 32 0\na.mp4 32 0\n")
+    with pytest.raises(ClipLoadError, match=r"list.txt:1: .*a.mp4: codec h264 .*cpu_decoder: pyav"):
+        collect(build_loader(cfg(tmp_path, cpu_decoder="dali"), "val"))
+    loader = build_loader(cfg(tmp_path), "val")  # the PyAV route decodes H.264
+    assert len(collect(loader)) == 1
+    loader.close()
+
+
+@pytest.mark.gpu
+def test_gpu_shapes_and_devices(dataset):
+    views = EvalConfig(spatial_crops=3, temporal_clips=2, temporal_mode="uniform", batch_size=3)
+    for mode, kw, v, shape in [("train", dict(layout="NCTHW", dtype="bfloat16"), None, (2, 3, 8, 32, 32)),
+                               ("test", dict(), views, (3, 6, 8, 3, 32, 32))]:  # fmt: skip
+        loader = build_loader(cfg(dataset, device="gpu", **kw), mode, views=v, device_id=0)
+        batch = next(iter(loader))
+        loader.close()
+        assert tuple(batch["clips"].shape) == shape and batch["clips"].is_cuda and batch["labels"].is_cuda
