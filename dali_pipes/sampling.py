@@ -119,9 +119,12 @@ def dense_centre(num_frames: int, num_segments: int, window: int) -> np.ndarray:
 
 
 def dense_n(num_frames: int, num_segments: int, window: int, num_clips: int) -> np.ndarray:
-    """dense-N test (dense-10 for Kinetics): starts linspace(0, pos-1, N) as ints."""
+    """dense-N test (dense-10 for Kinetics): starts linspace(0, pos-1, N) as ints.
+
+    N = 1 takes the centre start pos // 2 (the val clip) rather than linspace's frame 0.
+    """
     _, pos = _dense_geometry(num_frames, num_segments, window)
-    starts = np.linspace(0, pos - 1, num=num_clips, dtype=int)
+    starts = [pos // 2] if num_clips == 1 else np.linspace(0, pos - 1, num=num_clips, dtype=int)
     return np.stack([dense_clip(num_frames, num_segments, window, int(s)) for s in starts])
 
 
