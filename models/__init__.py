@@ -168,6 +168,14 @@ def load_pretrained(model: nn.Module, path: str | Path) -> PretrainedReport:
         if hasattr(backbone, "imagenet_state"):
             state = backbone.imagenet_state(state)
     own = target.state_dict()
+    if not imagenet:  # fine-tuning on another label set (TSM's --tune_from): the head starts anew
+        head = [k for k in state if k.startswith("fc.") and k in own and state[k].shape != own[k].shape]
+        if head:
+            log.info(
+                "%s: fc has %d classes in the checkpoint, %d in the model: the fc keeps its init",
+                path, state[head[0]].shape[0], own[head[0]].shape[0],
+            )  # fmt: skip
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     new_prefixes, dropped_prefixes = _tolerated(target)
     if not imagenet:
         new_prefixes.append("fc.")  # e.g. a models.convert output of an ImageNet trunk: the head is new

@@ -34,7 +34,8 @@ def one_thread():
 
 def debug_model(name: str, **kw) -> nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelConfig(name=name, debug=True, num_classes=5, num_segments=T, **kw))
+    kw = {"debug": True, "num_classes": 5, "num_segments": T, **kw}
+    return build_model(ModelConfig(name=name, **kw))
 
 
 def clip(n: int = 2, size: int = 32) -> torch.Tensor:
@@ -295,6 +296,11 @@ def test_whole_model_checkpoints_round_trip_in_every_wrapper(tmp_path) -> None:
     headless = {k: v for k, v in state.items() if not k.startswith("fc.")}  # e.g. a converted trunk
     torch.save({"model": headless}, tmp_path / "headless.pth")
     assert load_pretrained(debug_model("tam"), tmp_path / "headless.pth").new == ["fc.weight", "fc.bias"]
+    other_head = debug_model("tam", num_classes=7)  # fine-tuning on another label set: fc starts anew
+    before_fc = other_head.fc.weight.clone()
+    report = load_pretrained(other_head, tmp_path / "0.pth")
+    assert report.new == ["fc.weight", "fc.bias"] and torch.equal(other_head.fc.weight, before_fc)
+    assert torch.equal(other_head.backbone.conv1.weight, state["backbone.conv1.weight"])
     ddp = {f"module.{k}": v for k, v in state.items()}
     torch.save(ddp, tmp_path / "ddp.pth")
     assert load_pretrained(debug_model("tam"), tmp_path / "ddp.pth").target == "model"
