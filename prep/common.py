@@ -1,0 +1,121 @@
+"""Small helpers shared by the prep tools: user errors, atomic writes, a parallel map with a progress bar.
+
+Every prep CLI turns a `UserError` into one `error: ...` line and exit status 2 (no traceback), so a
+user sees which file / line / option is wrong and why.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import TypeVar
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp", ".ogv",
+                    ".wmv", ".ts")  # fmt: skip
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class UserError(Exception):
+    """A problem with the user's input or options; printed as `error: <message>` with exit status 2."""
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
+    """Run a CLI entry point: user errors become one line on stderr and exit 2; Ctrl-C exits 130."""
+    try:
+        code = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs are kept; run the same command again to resume", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder and os.replace, so readers never see a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def default_jobs() -> int:
+    """Worker count when --jobs is not given: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for --jobs and friends: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def parallel_map(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    jobs: int,
+    description: str,
+    threads: bool = False,
+    quiet: bool = False,
+) -> Iterator[tuple[T, R]]:
+    """Yield (item, fn(item)) as results arrive (any order), with a rich progress bar and ETA.
+
+    `threads=True` for work that runs in subprocesses (ffmpeg); processes for Python/PyAV work.
+    `fn` must be a module-level function when processes are used. With jobs == 1 it runs inline,
+    which keeps tracebacks simple and tests fast.
+    """
+    todo = list(items)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=False, disable=quiet or not todo) as progress:
+        task = progress.add_task(description, total=len(todo))
+        if jobs <= 1 or len(todo) <= 1:
+            for item in todo:
+                result = fn(item)
+                progress.advance(task)
+                yield item, result
+            return
+        pool: Executor = ThreadPoolExecutor(jobs) if threads else ProcessPoolExecutor(jobs)
+        try:
+            futures = {pool.submit(fn, item): item for item in todo}
+            for future in as_completed(futures):
+                progress.advance(task)
+                yield futures[future], future.result()
+        finally:
+            # On Ctrl-C (or an exception in the caller) drop the queued work instead of finishing it.
+            pool.shutdown(wait=True, cancel_futures=True)

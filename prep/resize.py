@@ -1,0 +1,280 @@
+"""Re-encode a video tree for fast random access: short side, constant frame rate, fixed GOP, one codec.
+
+    python -m prep.resize SRC DST --short-side 320 --codec h264 --gop 16 --fps keep --jobs 8 [--shard 1/4]
+
+Why: DALI (and any seeking decoder) pays for every frame between the previous keyframe and the one it
+wants, so outputs get a keyframe exactly every `gop` frames (scene-cut keyframes off, closed GOPs, IDR
+keyframes for H.264), a constant frame rate (frame i sits at i / fps) and yuv420p, video stream only.
+Sub-folders are kept; DST/<rel>.<ext> where ext follows the codec (h264 .mp4, vp9 .webm, mjpeg .avi).
+Each output is written to a hidden temp file and renamed when ffmpeg succeeded, so an interrupted run is
+resumed by running the same command again: finished outputs are skipped, leftover temp files redone.
+Sources are only read. Failures do not stop the run; they are collected in DST/resize-report*.tsv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import ffmpeg
+
+from prep.common import (
+    VIDEO_EXTENSIONS,
+    UserError,
+    atomic_write_text,
+    default_jobs,
+    parallel_map,
+    positive_int,
+    run_cli,
+)
+from prep.probe import ProbeError, probe_video
+
+EXTENSIONS = {"h264": ".mp4", "vp9": ".webm", "mjpeg": ".avi"}
+CONTAINERS = {"h264": "mp4", "vp9": "webm", "mjpeg": "avi"}
+DEFAULT_CRF = {"h264": 23, "vp9": 32, "mjpeg": 3}  # mjpeg: the -q:v scale (2 best .. 31 worst)
+CRF_RANGE = {"h264": (0, 51), "vp9": (0, 63), "mjpeg": (2, 31)}
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    short_side: int
+    codec: str
+    gop: int
+    fps: str  # "keep" or a positive number
+    crf: int
+    preset: str
+    threads: int  # ffmpeg threads per job
+
+
+@dataclass(frozen=True)
+class Job:
+    src: Path
+    out: Path
+    rel: str  # source path relative to SRC, for messages and the report
+
+
+def output_path(rel: Path, dst: Path, codec: str) -> Path:
+    """DST/<rel without extension>.<codec extension>."""
+    return dst / rel.with_suffix(EXTENSIONS[codec])
+
+
+def temp_path(out: Path) -> Path:
+    """Hidden, deterministic temp name next to the output: a rerun overwrites a leftover one."""
+    return out.with_name(f".{out.name}.part")
+
+
+def in_shard(rel: str, shard: tuple[int, int]) -> bool:
+    """Shard K of N (K from 1) by a hash of the relative path: stable whatever each machine lists."""
+    k, n = shard
+    return int.from_bytes(hashlib.sha1(rel.encode()).digest()[:8], "big") % n == k - 1
+
+
+def find_sources(src: Path) -> list[Path]:
+    """Video files under SRC (by extension), hidden files and folders skipped, sorted."""
+    found = []
+    for folder, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(folder) / f for f in sorted(files)
+                  if not f.startswith(".") and Path(f).suffix.lower() in VIDEO_EXTENSIONS]  # fmt: skip
+    return found
+
+
+def ffmpeg_command(src: Path, tmp: Path, rate: str, opts: Options) -> list[str]:
+    """The ffmpeg command line (built with ffmpeg-python) for one file."""
+    s = opts.short_side
+    # Scale the displayed frame (width x sample aspect) so the short side is exactly `s` and the long
+    # side is even (yuv420p needs even sizes); then mark pixels square. ffmpeg autorotates before this.
+    portrait = "lte(iw*sar,ih)"
+    width = f"if({portrait},{s},2*round({s}*iw*sar/ih/2))"
+    height = f"if({portrait},2*round({s}*ih/(iw*sar)/2),{s})"
+    video = ffmpeg.input(str(src), threads=opts.threads).video
+    video = video.filter("fps", fps=rate).filter("scale", w=width, h=height).filter("setsar", 1)
+    g = opts.gop
+    if opts.codec == "h264":
+        codec_args = {
+            "c:v": "libx264", "preset": opts.preset, "crf": opts.crf, "pix_fmt": "yuv420p",
+            "x264-params": f"keyint={g}:min-keyint={g}:scenecut=0:open-gop=0",
+            "forced-idr": 1, "movflags": "+faststart",
+        }  # fmt: skip
+    elif opts.codec == "vp9":
+        codec_args = {
+            "c:v": "libvpx-vp9", "b:v": 0, "crf": opts.crf, "deadline": "good", "cpu-used": 4,
+            "row-mt": 1, "g": g, "keyint_min": g, "pix_fmt": "yuv420p",
+        }  # fmt: skip
+    else:  # mjpeg: every frame is a keyframe; full-range 4:2:0 is what the JPEG encoder writes
+        codec_args = {"c:v": "mjpeg", "q:v": opts.crf, "pix_fmt": "yuvj420p"}
+    out = ffmpeg.output(
+        video, str(tmp), f=CONTAINERS[opts.codec], an=None, sn=None, dn=None,
+        map_metadata=-1, map_chapters=-1, threads=opts.threads, **codec_args,
+    )  # fmt: skip
+    cmd = out.compile()
+    return ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-y", *cmd[1:]]
+
+
+def _last_lines(text: str, limit: int = 300) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-3:])[-limit:] or "no message"
+
+
+def convert(job: Job, opts: Options) -> tuple[str, str]:
+    """Encode one file; returns ("done", "") or ("failed", reason). Never raises for a bad file."""
+    try:
+        rate = opts.fps
+        if rate == "keep":
+            info = probe_video(job.src, count="header")
+            if info.rate is None:
+                return "failed", "the source does not state its frame rate; pass --fps N"
+            rate = f"{info.rate.numerator}/{info.rate.denominator}"
+        else:
+            probe_video(job.src, count="header")  # a clear reason for unreadable files
+    except ProbeError as e:
+        return "failed", str(e)
+    tmp = temp_path(job.out)
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run(ffmpeg_command(job.src, tmp, rate, opts), capture_output=True, text=True)
+        if proc.returncode != 0:
+            return "failed", f"ffmpeg exit status {proc.returncode}: {_last_lines(proc.stderr)}"
+        try:
+            info = probe_video(tmp, count="packets")
+        except ProbeError as e:
+            return "failed", f"ffmpeg wrote an unusable file: {e}"
+        if info.num_frames == 0:
+            return "failed", "ffmpeg wrote no frames (is the source video stream empty?)"
+        os.replace(tmp, job.out)
+        return "done", ""
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _convert_star(args: tuple[Job, Options]) -> tuple[str, str]:
+    return convert(*args)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 1, 1
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like K/N (e.g. 2/4), got {text!r}") from None
+    if not (n >= 1 and 1 <= k <= n):
+        raise UserError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
+
+
+def check_folders(src: Path, dst: Path) -> None:
+    """Sources are never touched: refuse a DST that is SRC, inside it, or contains it."""
+    if not src.is_dir():
+        raise UserError(f"SRC {src} is not a folder")
+    s, d = src.resolve(), dst.resolve()
+    if d == s:
+        raise UserError(f"DST {dst} is the same folder as SRC: outputs would mix with the sources")
+    if s in d.parents:
+        raise UserError(f"DST {dst} is inside SRC {src}: a rerun would treat outputs as sources")
+    if d in s.parents:
+        raise UserError(f"SRC {src} is inside DST {dst}: outputs could land among the sources")
+
+
+def report_path(dst: Path, shard: tuple[int, int]) -> Path:
+    k, n = shard
+    return dst / ("resize-report.tsv" if n == 1 else f"resize-report.shard-{k}-of-{n}.tsv")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m prep.resize",
+        description="Re-encode every video under SRC into DST (same sub-folders) with a given short side, "
+        "constant frame rate and a keyframe every --gop frames. Resumable: rerun the same command.",
+    )
+    p.add_argument("src", type=Path, metavar="SRC", help="folder of source videos (only read)")
+    p.add_argument("dst", type=Path, metavar="DST", help="output folder (must not be inside SRC)")
+    p.add_argument("--short-side", type=positive_int, default=320, help="output short side in pixels (even)")
+    p.add_argument("--codec", choices=sorted(EXTENSIONS), default="h264",
+                   help="h264 -> .mp4, vp9 -> .webm, mjpeg -> .avi (every frame a keyframe)")  # fmt: skip
+    p.add_argument("--gop", type=positive_int, default=16, help="frames between keyframes (fixed)")
+    p.add_argument("--fps", default="keep", help="'keep' (the source's average rate, made constant) or N")
+    p.add_argument("--crf", type=int, default=None,
+                   help="quality: h264 CRF (default 23), vp9 CRF (32), mjpeg q:v 2..31 (3)")  # fmt: skip
+    p.add_argument("--preset", default="veryfast", choices=X264_PRESETS, help="x264 preset (h264 only)")
+    p.add_argument("--jobs", type=positive_int, default=default_jobs(), help="parallel ffmpeg processes")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="only shard K of N (K from 1): N machines split one dataset")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.short_side % 2:
+        raise UserError(f"--short-side must be even (yuv420p needs even sizes), got {args.short_side}")
+    if args.fps != "keep":
+        try:
+            if float(args.fps) <= 0:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--fps must be 'keep' or a positive number, got {args.fps!r}") from None
+    shard = parse_shard(args.shard)
+    check_folders(args.src, args.dst)
+    crf = DEFAULT_CRF[args.codec] if args.crf is None else args.crf
+    low, high = CRF_RANGE[args.codec]
+    if not low <= crf <= high:
+        raise UserError(f"--crf for {args.codec} must be in {low}..{high}, got {crf}")
+    threads = max(1, default_jobs() // args.jobs)
+    opts = Options(args.short_side, args.codec, args.gop, args.fps, crf, args.preset, threads)
+
+    failures: list[tuple[str, str]] = []
+    jobs: list[Job] = []
+    claimed: dict[Path, str] = {}
+    skipped = 0
+    for src in find_sources(args.src):
+        rel = src.relative_to(args.src)
+        if not in_shard(rel.with_suffix("").as_posix(), shard):  # a.mp4 and a.webm: same shard, same output
+            continue
+        out = output_path(rel, args.dst, args.codec)
+        if out in claimed:
+            failures.append((rel.as_posix(), f"same output {out} as {claimed[out]}: rename one of them"))
+            continue
+        claimed[out] = rel.as_posix()
+        if out.exists():
+            skipped += 1
+            continue
+        jobs.append(Job(src, out, rel.as_posix()))
+
+    args.dst.mkdir(parents=True, exist_ok=True)
+    report = report_path(args.dst, shard)
+    done = 0
+    try:
+        work = [(job, opts) for job in jobs]
+        for (job, _), (status, reason) in parallel_map(
+            _convert_star, work, args.jobs, f"resize {args.codec}", threads=True, quiet=args.quiet
+        ):
+            if status == "done":
+                done += 1
+            else:
+                failures.append((job.rel, reason))
+    finally:
+        lines = [f"{rel}\t{' '.join(reason.split())}\n" for rel, reason in sorted(failures)]
+        atomic_write_text(report, "".join(lines))
+    print(f"{done} encoded, {skipped} already finished (skipped), {len(failures)} failed"
+          + (f": see {report}" if failures else ""))  # fmt: skip
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,245 @@
+"""Test-decode every entry of a list file; write the bad ones with a reason and a cleaned list.
+
+    python -m prep.validate LIST [--root DIR] [--device cpu|gpu] [--cpu-decoder pyav|dali] [--jobs N]
+
+Writes LIST.bad (tab-separated `entry<TAB>kind<TAB>line N: detail`, one line per problem; malformed
+lines appear as `LIST:LINE<TAB>malformed line<TAB>detail`) and the cleaned list next to LIST with
+`.clean` before the extension (train.txt -> train.clean.txt). The input list is never modified.
+Exit status: 0 when every entry is good, 1 when bad entries were found (both files are written either
+way), 2 for a usage error.
+
+Kinds: missing, empty, truncated, undecodable, no video stream, zero frames, frame count differs,
+unsupported codec, variable frame rate, malformed line.
+
+Decoding is always a real full decode with FFmpeg's software decoders (PyAV). --device and
+--cpu-decoder mirror data.device / data.cpu_decoder in the config and only decide which codecs the
+loader's decoder can take: gpu = NVDEC through DALI, cpu + pyav = anything FFmpeg decodes,
+cpu + dali = DALI's CPU video decoder (VP8, VP9, MJPEG only).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+
+from prep.common import (
+    IMAGE_EXTENSIONS,
+    UserError,
+    atomic_write_text,
+    default_jobs,
+    parallel_map,
+    positive_int,
+    run_cli,
+)
+from prep.probe import TRUNCATED, UNDECODABLE, ProbeError, probe_video
+
+ZERO_FRAMES = "zero frames"
+COUNT_DIFFERS = "frame count differs"
+UNSUPPORTED = "unsupported codec"
+VARIABLE_FPS = "variable frame rate"
+MALFORMED = "malformed line"
+
+# Codecs each loader route can decode (FFmpeg decoder names, as PyAV reports them).
+GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mjpeg"})  # NVDEC via DALI
+DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})  # DALI's CPU video decoder
+
+
+@dataclass(frozen=True)
+class Entry:
+    line_no: int
+    text: str  # the list line, without the newline
+    path: str  # as written in the list
+    num_frames: int
+
+
+def parse_list(list_path: Path, num_classes: int | None) -> tuple[list[Entry], list[tuple[str, str, str]]]:
+    """Good-looking entries and `malformed line` problems (named LIST:LINE)."""
+    entries, problems = [], []
+    text = list_path.read_text(encoding="utf-8", errors="replace")
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{list_path}:{line_no}"
+        parts = line.rsplit(maxsplit=2)
+        if len(parts) != 3:
+            problems.append((where, MALFORMED, f"expected 'path num_frames label', got {line[:80]!r}"))
+            continue
+        path, frames, label = parts
+        if not (frames.isdigit() and label.isdigit()):
+            problems.append(
+                (where, MALFORMED, f"num_frames and label must be integers >= 0, got {line[:80]!r}")
+            )
+            continue
+        if num_classes is not None and int(label) >= num_classes:
+            problems.append((where, MALFORMED, f"label {label} but classes.txt has {num_classes} classes"))
+            continue
+        entries.append(Entry(line_no, line, path, int(frames)))
+    return entries, problems
+
+
+def allowed_codecs(device: str, cpu_decoder: str) -> frozenset[str] | None:
+    """Codecs the chosen loader route decodes; None = whatever FFmpeg decodes (checked by decoding)."""
+    if device == "gpu":
+        return GPU_CODECS
+    return DALI_CPU_CODECS if cpu_decoder == "dali" else None
+
+
+def check_video(path: Path, listed: int, codecs: frozenset[str] | None, route: str) -> list[tuple[str, str]]:
+    """All (kind, detail) problems of one video file; [] when it is good."""
+    try:
+        info = probe_video(path, count="header")
+    except ProbeError as e:
+        return [(e.kind, e.detail)]
+    if codecs is not None and info.codec not in codecs:
+        return [
+            (UNSUPPORTED, f"{info.codec} cannot be decoded by {route} (it takes {', '.join(sorted(codecs))})")
+        ]
+    try:
+        info = probe_video(path, count="decode")
+    except ProbeError as e:
+        return [(e.kind, e.detail)]
+    n, declared = info.num_frames, info.declared_frames
+    # Fewer frames than the header promises = cut short (not judged for VFR files: their
+    # duration x average rate estimate is unreliable, and they are reported anyway).
+    short = declared > 0 and n < declared - max(2, 0.05 * declared) and not info.variable_fps
+    # A decoder error means damaged data (corruption); a stream that just ends early means a cut file.
+    if info.decode_error:
+        return [(UNDECODABLE, f"decoding failed after {n} of {declared or '?'} frames: {info.decode_error}")]
+    if n == 0:
+        return [(ZERO_FRAMES, "the video stream delivers no frames")]
+    problems = []
+    if short:
+        problems.append((TRUNCATED, f"{n} frames decode but the container declares {declared}"))
+    if n != listed:
+        problems.append((COUNT_DIFFERS, f"list says {listed}, decoder delivers {n}"))
+    if info.variable_fps:
+        problems.append((VARIABLE_FPS, f"frame timestamps are unevenly spaced (average {info.fps:.3f} fps); "
+                                       "re-encode with prep.resize"))  # fmt: skip
+    return problems
+
+
+def check_frame_folder(folder: Path, listed: int, template: str, start: int) -> list[tuple[str, str]]:
+    """A frame folder is good when frames start..start+n-1 exist by the template and each decodes."""
+    images = [
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    ]
+    if not images:
+        return [(ZERO_FRAMES, "the frame folder holds no images")]
+    problems = []
+    expected = [folder / template.format(i) for i in range(start, start + len(images))]
+    gaps = [p.name for p in expected if not p.is_file()]
+    if gaps:
+        problems.append((TRUNCATED, f"{len(gaps)} frames missing from the numbering, first {gaps[0]} "
+                                    f"(template {template} from {start})"))  # fmt: skip
+    if len(images) != listed:
+        problems.append((COUNT_DIFFERS, f"list says {listed}, the folder holds {len(images)} images"))
+    for image in sorted(images):
+        if image.stat().st_size == 0:
+            problems.append(("empty", f"{image.name} has 0 bytes"))
+            break
+        try:
+            with av.open(str(image)) as c:
+                next(c.decode(video=0))
+        except (av.FFmpegError, OSError, StopIteration) as e:
+            problems.append((UNDECODABLE, f"{image.name}: {getattr(e, 'strerror', None) or e or 'no image'}"))
+            break
+    return problems
+
+
+def check_entry(job: tuple[str, int, frozenset[str] | None, str, str, int]) -> list[tuple[str, str]]:
+    path_text, listed, codecs, route, template, start = job
+    path = Path(path_text)
+    try:
+        if path.is_dir():
+            return check_frame_folder(path, listed, template, start)
+        return check_video(path, listed, codecs, route)
+    except Exception as e:  # one odd file must not end a run over a whole dataset: report it
+        return [(UNDECODABLE, f"unexpected {type(e).__name__} while reading: {e}")]
+
+
+def clean_list_path(list_path: Path) -> Path:
+    """train.txt -> train.clean.txt (LIST.clean without an extension)."""
+    if list_path.suffix:
+        return list_path.with_name(f"{list_path.stem}.clean{list_path.suffix}")
+    return list_path.with_name(f"{list_path.name}.clean")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m prep.validate",
+        description="Test-decode every entry of a list; write LIST.bad and a cleaned list.",
+    )
+    p.add_argument("list", type=Path, metavar="LIST", help="list file: 'path num_frames label' per line")
+    p.add_argument(
+        "--root", type=Path, default=None, help="folder the list paths are relative to (default: LIST's)"
+    )
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="the loader's data.device")
+    p.add_argument("--cpu-decoder", choices=("pyav", "dali"), default="pyav",
+                   help="the loader's data.cpu_decoder (dali: VP8/VP9/MJPEG only)")  # fmt: skip
+    p.add_argument("--frame-template", default="{:05d}.jpg", help="frame folders: file name of frame i")
+    p.add_argument("--frame-start", type=int, default=1, help="frame folders: number of the first frame")
+    p.add_argument("--jobs", type=positive_int, default=default_jobs(), help="parallel decoders")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    list_path: Path = args.list
+    if not list_path.is_file():
+        raise UserError(f"{list_path}: list file not found")
+    root = args.root if args.root is not None else list_path.parent
+    if not root.is_dir():
+        raise UserError(f"--root {root} is not a folder")
+    try:
+        args.frame_template.format(1)
+    except (IndexError, KeyError, ValueError):
+        raise UserError(
+            f"--frame-template {args.frame_template!r} must format one integer, e.g. {{:05d}}.jpg"
+        ) from None
+    classes_file = list_path.parent / "classes.txt"
+    num_classes = None
+    if classes_file.is_file():
+        num_classes = sum(1 for line in classes_file.read_text(encoding="utf-8").splitlines() if line.strip())
+
+    entries, problems = parse_list(list_path, num_classes)
+    codecs = allowed_codecs(args.device, args.cpu_decoder)
+    route = "the GPU decoder (NVDEC)" if args.device == "gpu" else f"the CPU {args.cpu_decoder} decoder"
+    jobs: dict[tuple, list[Entry]] = {}
+    for e in entries:  # several lines may name the same file: decode it once, judge every line
+        key = (str(root / e.path), e.num_frames, codecs, route, args.frame_template, args.frame_start)
+        jobs.setdefault(key, []).append(e)
+    found: dict[int, list[tuple[str, str]]] = {}
+    for job, result in parallel_map(check_entry, list(jobs), args.jobs, "validate", quiet=args.quiet):
+        for e in jobs[job]:
+            if result:
+                found[e.line_no] = result
+    by_line = {e.line_no: e for e in entries}
+    for line_no in sorted(found):
+        problems += [
+            (by_line[line_no].path, kind, f"line {line_no}: {detail}") for kind, detail in found[line_no]
+        ]
+    bad_lines = set(found)
+
+    bad_path = Path(f"{list_path}.bad")
+    clean_path = clean_list_path(list_path)
+    atomic_write_text(bad_path, "".join(f"{where}\t{kind}\t{' '.join(detail.split())}\n"
+                                        for where, kind, detail in problems))  # fmt: skip
+    atomic_write_text(clean_path, "".join(f"{e.text}\n" for e in entries if e.line_no not in bad_lines))
+    kinds = Counter(kind for _, kind, _ in problems)
+    good = len(entries) - len(bad_lines)
+    if not problems:
+        print(f"{list_path}: all {good} entries good")
+        return 0
+    summary = ", ".join(f"{kind}: {n}" for kind, n in kinds.most_common())
+    print(f"{list_path}: {good} good, {len(bad_lines)} bad entries, {kinds[MALFORMED]} malformed lines "
+          f"({summary}); see {bad_path}; clean list: {clean_path}")  # fmt: skip
+    return 1
+
+
+if __name__ == "__main__":
+    run_cli(main)

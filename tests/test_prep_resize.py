@@ -1,0 +1,165 @@
+"""prep.resize: short side, CFR, keyframes exactly every gop frames (checked with ffprobe), resumable,
+sources untouched, failures reported, DST inside SRC refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_clip
+from test_prep_probe import write_vfr_clip
+
+from prep.common import UserError
+from prep.resize import in_shard, main, temp_path
+
+GOP = 4
+
+
+def ffprobe_video(path: Path) -> dict:
+    """Streams and per-frame key flags / timestamps / picture types, straight from ffprobe."""
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_streams", "-show_frames", "-of", "json",
+         "-show_entries", "stream=codec_type,codec_name,width,height,pix_fmt,avg_frame_rate,r_frame_rate:"
+         "frame=key_frame,pict_type,pts_time,best_effort_timestamp_time", str(path)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return json.loads(out)
+
+
+def tree_fingerprint(root: Path) -> dict[str, tuple[str, int]]:
+    """sha1 and mtime of every file under root: proves that sources are never modified."""
+    return {str(p.relative_to(root)): (hashlib.sha1(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+@pytest.fixture
+def source_tree(ffmpeg_available, tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    write_clip(src / "walk" / "a.webm", num_frames=22, width=64, height=48, codec="vp9", gop=8)
+    write_clip(src / "run" / "deep" / "b.avi", num_frames=18, width=48, height=64, codec="mjpeg")  # portrait
+    write_vfr_clip(src / "vfr.mkv")
+    return src
+
+
+@pytest.mark.parametrize("codec,ext", [("h264", ".mp4"), ("vp9", ".webm"), ("mjpeg", ".avi")])
+def test_short_side_cfr_and_fixed_gop(source_tree: Path, tmp_path: Path, codec: str, ext: str) -> None:
+    dst = tmp_path / "dst"
+    before = tree_fingerprint(source_tree)
+    argv = [str(source_tree), str(dst), "--short-side", "32", "--codec", codec, "--gop", str(GOP)]
+    assert main([*argv, "--jobs", "2", "--quiet"]) == 0
+    assert tree_fingerprint(source_tree) == before  # sources never touched
+    expected = {"walk/a": (42, 32), "run/deep/b": (32, 42), "vfr": (42, 32)}  # 64x48 -> 42x32 (even)
+    for stem, size in expected.items():
+        out = dst / f"{stem}{ext}"
+        info = ffprobe_video(out)
+        assert [s["codec_type"] for s in info["streams"]] == ["video"]  # video only
+        stream = info["streams"][0]
+        assert (stream["width"], stream["height"]) == size
+        assert stream["pix_fmt"] == ("yuvj420p" if codec == "mjpeg" else "yuv420p")
+        assert stream["avg_frame_rate"] == "25/1"
+        frames = info["frames"]
+        times = [float(f.get("pts_time", f.get("best_effort_timestamp_time"))) for f in frames]
+        steps = {round(b - a, 4) for a, b in zip(times[:-1], times[1:], strict=True)}
+        assert steps == {0.04}, (out, steps)  # constant frame rate, also for the VFR source
+        keys = [i for i, f in enumerate(frames) if f["key_frame"] == 1]
+        if codec == "mjpeg":
+            assert keys == list(range(len(frames)))
+        else:
+            assert keys == list(range(0, len(frames), GOP)), (out, keys)
+            # no extra intra frames that are not keyframes (H.264: every I frame is an IDR here)
+            assert [i for i, f in enumerate(frames) if f["pict_type"] == "I"] == keys
+    assert len(ffprobe_video(dst / f"walk/a{ext}")["frames"]) == 22
+    assert len(ffprobe_video(dst / f"vfr{ext}")["frames"]) == 25  # 1.0 s of VFR input -> 25 CFR frames
+    assert (dst / "resize-report.tsv").read_text() == ""
+
+
+def test_fps_option_resamples_to_a_constant_rate(source_tree: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst"
+    assert main([str(source_tree / "walk"), str(dst), "--short-side", "48", "--codec", "vp9", "--gop", "2",
+                 "--fps", "10", "--jobs", "1", "--quiet"]) == 0  # fmt: skip
+    info = ffprobe_video(dst / "a.webm")
+    stream = info["streams"][0]
+    assert (stream["width"], stream["height"], stream["avg_frame_rate"]) == (64, 48, "10/1")
+    assert len(info["frames"]) == 9  # 22 frames at 25 fps = 0.88 s -> 9 frames at 10 fps
+    assert [i for i, f in enumerate(info["frames"]) if f["key_frame"]] == [0, 2, 4, 6, 8]
+
+
+def test_rerun_redoes_nothing_and_finishes_leftovers(source_tree: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst"
+    argv = [str(source_tree), str(dst), "--short-side", "32", "--codec", "vp9", "--gop", "4", "--quiet"]
+    assert main([*argv, "--jobs", "2"]) == 0
+    done = {p: p.stat().st_mtime_ns for p in dst.rglob("*.webm")}
+    assert len(done) == 3
+    # Simulate an interruption: one output never got renamed, a half-written temp file was left over.
+    victim = dst / "run" / "deep" / "b.webm"
+    victim.unlink()
+    temp_path(victim).write_bytes(b"half a file")
+    time.sleep(0.01)
+    assert main([*argv, "--jobs", "1"]) == 0
+    for path, mtime in done.items():
+        if path != victim:
+            assert path.stat().st_mtime_ns == mtime, f"{path} was redone"
+    assert victim.is_file() and ffprobe_video(victim)["streams"][0]["height"] == 42
+    assert not list(dst.rglob("*.part")), "temp files must not survive"
+
+
+def test_ctrl_c_then_resume(ffmpeg_available, tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for i in range(6):
+        write_clip(src / f"c{i}.webm", num_frames=24, width=64, height=48, seed=i)
+    cmd = [sys.executable, "-m", "prep.resize", str(src), str(dst), "--short-side", "32", "--codec", "vp9",
+           "--gop", "4", "--jobs", "1", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(dst.glob("*.webm")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode != 0:  # it may have finished before the signal arrived
+        assert proc.returncode == 130 and b"resume" in err and b"Traceback" not in err
+    finished = {p: p.stat().st_mtime_ns for p in dst.glob("*.webm")}
+    assert finished and not list(dst.glob(".*.part"))
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert sorted(p.name for p in dst.glob("*.webm")) == [f"c{i}.webm" for i in range(6)]
+    assert all(p.stat().st_mtime_ns == m for p, m in finished.items())
+
+
+def test_failures_are_reported_and_do_not_stop_the_run(ffmpeg_available, tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_clip(src / "ok.webm", num_frames=8, width=64, height=48)
+    (src / "broken.mp4").write_bytes(b"definitely not a video" * 20)
+    (src / "notes.txt").write_text("ignored: not a video file")
+    assert main([str(src), str(dst), "--short-side", "32", "--codec", "vp9", "--quiet", "--jobs", "2"]) == 1
+    assert (dst / "ok.webm").is_file() and not (dst / "broken.webm").exists()
+    report = (dst / "resize-report.tsv").read_text().splitlines()
+    assert len(report) == 1 and report[0].startswith("broken.mp4\tundecodable")
+
+
+def test_refuses_dst_inside_or_equal_to_src(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for dst in (src, src / "out", tmp_path):
+        with pytest.raises(UserError, match="SRC|DST"):
+            main([str(src), str(dst), "--quiet"])
+    with pytest.raises(UserError, match="even"):
+        main([str(src), str(tmp_path / "o"), "--short-side", "33"])
+    with pytest.raises(UserError, match="--shard"):
+        main([str(src), str(tmp_path / "o"), "--shard", "3/2"])
+    proc = subprocess.run([sys.executable, "-m", "prep.resize", str(src), str(src / "x")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_shards_split_the_files_exactly_once() -> None:
+    names = [f"class{i % 7}/video_{i}.mp4" for i in range(500)]
+    owners = [[k for k in range(1, 4) if in_shard(name, (k, 3))] for name in names]
+    assert all(len(o) == 1 for o in owners)
+    sizes = [sum(o == [k] for o in owners) for k in range(1, 4)]
+    assert min(sizes) > 120  # roughly even
