@@ -1,0 +1,144 @@
+"""Checkpoint files shared by train.py, evaluate.py and models.convert.
+
+A training checkpoint is one `torch.save`d dict: {"model": unwrapped state_dict, "optimizer", "scaler",
+"scheduler", "epoch", "step", "data_state", "rng", "config", "ema"?}; models.convert writes
+{"model", "meta"}. Everything inside is plain containers and tensors, so files load with
+`weights_only=True` (no arbitrary code runs when opening a downloaded checkpoint).
+
+Writes are atomic (temp file in the same directory, fsync, os.replace): a crash mid-write never leaves a
+truncated file under a checkpoint's name, and a good checkpoint is only ever replaced by a complete one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CKPT_PATTERN = re.compile(r"^ckpt_e(\d+)_s(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or not what the caller needs; the message names the file."""
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """File name for a checkpoint taken after `epoch` epochs / `step` optimizer steps (sorts by age)."""
+    return f"ckpt_e{epoch:04d}_s{step:09d}.pt"
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Write `state` to `path` atomically: temp file + fsync + os.replace (same filesystem)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint dict; every failure is a CheckpointError naming the file and the reason."""
+    path = Path(path)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{path}: is a directory with no ckpt_e*_s*.pt checkpoint in it")
+        path = latest
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/foreign files
+        if not zipfile.is_zipfile(path):
+            why = "not a torch.save archive (truncated by a crash, or another file format)"
+        else:
+            first = str(e).splitlines()[0] if str(e) else ""
+            why = f"{type(e).__name__}: {first} (only tensors and plain containers are allowed)"
+        raise CheckpointError(f"cannot read checkpoint {path}: {why}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        got = sorted(map(str, state))[:10] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{path}: not a vidrec checkpoint (expected a dict with a 'model' key, got {got})"
+        )
+    return state
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Training checkpoints in `out_dir`, oldest first (ordered by the step in the name)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for p in out_dir.iterdir():
+        m = CKPT_PATTERN.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(2)), int(m.group(1)), p))
+    return [p for _, _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest training checkpoint in `out_dir` (highest step), or None when there is none."""
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything); returns the deleted."""
+    ckpts = list_checkpoints(out_dir)
+    if keep <= 0 or len(ckpts) <= keep:
+        return []
+    doomed = ckpts[:-keep]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG states, stored as tensors and plain lists so the file stays weights_only-loadable
+# --------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and (if present) CUDA generator states of this process."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": _to_lists(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured (the CUDA state only where CUDA is in use)."""
+    random.setstate(_to_tuples(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
