@@ -1,0 +1,101 @@
+"""evaluate.py end to end on tiny demo data: 2 ranks (torchrun, gloo, CPU) and 1 process agree per view."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from checkpoint import checkpoint_name, save_checkpoint
+from config import load_config, to_dict
+from models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = """
+data:
+  val_list: {root}/val.txt
+  train_list: {root}/train.txt
+  device: cpu
+  num_segments: 4
+  input_size: 32
+  scale_size: 48  # > input_size, so the 3 crops of a square clip differ
+  num_threads: 1
+  num_workers: 1
+model: {{name: tsm, debug: true, num_classes: 3, num_segments: 4, dropout: 0.0}}
+train: {{amp: fp32}}
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory) -> Path:
+    """3 validation videos (an odd count) and a randomly initialised debug TSM saved with its config."""
+    root = tmp_path_factory.mktemp("evaldemo")
+    cmd = [sys.executable, "-m", "prep.synth", str(root / "data"), "--classes", "move_left", "move_right",
+           "grow", "--per-class", "1", "--val-per-class", "1", "--size", "32", "--frames", "8", "--jobs", "1",
+           "--quiet"]  # fmt: skip
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    (root / "cfg.yaml").write_text(CONFIG.format(root=root / "data"))
+    cfg = load_config(root / "cfg.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    state = {"model": model.state_dict(), "config": to_dict(cfg)}
+    return save_checkpoint(root / "run" / checkpoint_name(1, 1), state)
+
+
+@pytest.mark.slow  # ~25 s on 2 cores: two torchrun processes and one in-process run build DALI pipelines
+def test_two_ranks_score_every_video_once_and_match_one_process(demo_checkpoint, tmp_path):
+    two = tmp_path / "two.npz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "evaluate.py",
+           "--checkpoint", str(demo_checkpoint), "--views", "3x2", "--out", str(two)]  # fmt: skip
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    dump = evaluate.load_dump(two)
+    assert dump["ids"].tolist() == [0, 1, 2] and dump["labels"].tolist() == [0, 1, 2]
+    assert dump["view_logits"].shape == (3, 6, 3)  # 3 crops x 2 clips, 3 classes
+    assert json.loads(str(dump["meta"]))["world_size"] == 2
+    assert dump["class_names"].tolist() == ["move_left", "move_right", "grow"]
+    assert json.loads((tmp_path / "two.metrics.json").read_text())["videos"] == 3
+    assert (tmp_path / "two.confusion.png").stat().st_size > 0
+
+    # In this process (world 1): the centre crop of both clips, softmax fusion, the run folder as checkpoint
+    # (newest checkpoint in it), and a stored model.pretrained that must not be loaded (it does not exist).
+    one = tmp_path / "one.npz"
+    assert evaluate.main(["--checkpoint", str(demo_checkpoint.parent), "--views=1x2", "--fuse", "softmax",
+                          "--eval.batch_size=2", "--model.pretrained=/missing/imagenet.pth",
+                          "--out", str(one)]) == 0  # fmt: skip
+    single = evaluate.load_dump(one)
+    # view = clip * crops + crop: the centre crop (1) of clips 0 and 1 is view 1 and view 4 of 3x2
+    views = dump["view_logits"]
+    assert not np.allclose(views[:, 0], views[:, 1]) and not np.allclose(views[:, 1], views[:, 4])
+    np.testing.assert_allclose(single["view_logits"], dump["view_logits"][:, [1, 4]], rtol=1e-4, atol=1e-5)
+    metrics = json.loads((tmp_path / "one.metrics.json").read_text())
+    assert metrics["fuse"] == "softmax" and metrics["temporal_mode"] == "twice" and metrics["world_size"] == 1
+    assert metrics["checkpoint"] == str(demo_checkpoint)
+    expected = evaluate.compute_metrics(
+        evaluate.fuse_views(single["view_logits"], "softmax"), single["labels"]
+    )
+    assert metrics["top1"] == pytest.approx(expected["top1"])
+    assert metrics["mean_class"] == pytest.approx(expected["mean_class"])
+
+
+def test_cli_errors_name_the_problem(demo_checkpoint, tmp_path, capsys):
+    assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    bare = save_checkpoint(tmp_path / "bare.pt", {"model": {}, "meta": {}})  # like a models.convert output
+    assert evaluate.main(["--checkpoint", str(bare)]) == 2
+    assert "stores no config" in capsys.readouterr().err
+    assert (
+        evaluate.main(["--checkpoint", str(demo_checkpoint), "--views", "3x3", "--eval.temporal_mode=twice"])
+        == 2
+    )
+    assert "'twice' gives 2 clip(s)" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", str(demo_checkpoint), "--model.name=tam"]) == 2
+    assert "weights do not fit" in capsys.readouterr().err
