@@ -61,7 +61,8 @@ def test_dense():
     got = idx(100, "test", mode="dense", test_mode="dense", test_clips=10)
     assert got[:, 0].tolist() == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36]
     # dense-1: the val clip (centre start), not linspace's frame 0
-    assert idx(100, "test", mode="dense", test_mode="dense", test_clips=1).tolist() == [[18 + 8 * i for i in range(8)]]
+    one = idx(100, "test", mode="dense", test_mode="dense", test_clips=1)
+    assert one.tolist() == [[18 + 8 * i for i in range(8)]]
     # short video loops: F = 20, pos = 1, start 0 -> (8 i) mod 20
     assert idx(20, "train", mode="dense").tolist() == [[0, 8, 16, 4, 12, 0, 8, 16]]
     for seed in range(20):
