@@ -70,6 +70,7 @@ class DataConfig:
     input_size: int = 224  # side of the square crop fed to the model
     scale_size: int = 256  # val/test: resize the short side to this before cropping
     train_crop: str = "multiscale"  # multiscale (TSN 13 positions) | random_resized (CSN)
+    crop_scales: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.66])  # multiscale sides
     flip: str = "on"  # off | on | pairs (flip and swap labels listed in flip_pairs)
     flip_pairs: str = ""  # file of "a b" label pairs swapped on flip (flip: pairs)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -334,6 +335,9 @@ def check_config(cfg: Config) -> None:
             )
     if cfg.data.flip == "pairs" and not cfg.data.flip_pairs:
         raise ConfigError("data.flip_pairs: required when data.flip is 'pairs'")
+    if not cfg.data.crop_scales or not all(0 < s <= 1 for s in cfg.data.crop_scales):
+        scales = cfg.data.crop_scales
+        raise ConfigError(f"data.crop_scales: need fractions of the short side in (0, 1], got {scales}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("data.mean / data.std: need 3 values (RGB)")
     if cfg.model.num_segments != cfg.data.num_segments and cfg.data.sampling != "clip3d":

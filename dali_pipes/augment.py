@@ -24,15 +24,21 @@ def tsn_positions(width: int, height: int, crop_w: int, crop_h: int) -> list[tup
 
 
 def multiscale_crop(
-    width: int, height: int, input_size: int, rng: np.random.Generator, max_distort: int = 1
+    width: int,
+    height: int,
+    input_size: int,
+    rng: np.random.Generator,
+    scales: tuple[float, ...] = TSN_SCALES,
+    max_distort: int = 1,
 ) -> tuple[int, int, int, int]:
     """TSN multi-scale crop: (x0, y0, w, h) in pixels.
 
-    Crop sides are scales of the short side, snapped to input_size when within 3 px; width and height
-    scale indices differ by at most `max_distort`; the corner is one of 13 fixed positions.
+    Crop sides are `scales` of the short side (data.crop_scales), snapped to input_size when within
+    3 px; width and height scale indices differ by at most `max_distort`; the corner is one of 13
+    fixed positions. `scales=(1.0,)` keeps the whole short side (only the position varies).
     """
     base = min(width, height)
-    sizes = [int(base * s) for s in TSN_SCALES]
+    sizes = [int(base * s) for s in scales]
     sizes = [input_size if abs(s - input_size) < 3 else s for s in sizes]
     pairs = [(i, j) for i in range(len(sizes)) for j in range(len(sizes)) if abs(i - j) <= max_distort]
     wi, hi = pairs[int(rng.integers(len(pairs)))]

@@ -96,6 +96,7 @@ class ClipLoader:
             input_size=data.input_size,
             scale_size=data.scale_size,
             train_crop=data.train_crop,
+            crop_scales=tuple(data.crop_scales),
             flip=data.flip,
             flip_pairs=pairs,
             spatial_crops=self.views.spatial_crops if test else 1,

@@ -66,6 +66,7 @@ class SpatialOptions:
     input_size: int = 224
     scale_size: int = 256
     train_crop: str = "multiscale"
+    crop_scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
     flip: str = "on"
     flip_pairs: dict[int, int] = field(default_factory=dict)
     spatial_crops: int = 1
@@ -213,7 +214,7 @@ class ClipSource:
         if self.split == "train":
             rng = sample_rng(self.seed, epoch, sid, SPATIAL)
             if sp.train_crop == "multiscale":
-                box = multiscale_crop(width, height, sp.input_size, rng)
+                box = multiscale_crop(width, height, sp.input_size, rng, tuple(sp.crop_scales))
             else:
                 box = random_resized_crop(width, height, rng)
             mirror, label = flip_and_label(sp.flip, sp.flip_pairs, label, rng)

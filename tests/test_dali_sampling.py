@@ -110,6 +110,9 @@ def test_multiscale_crop_rules():
         seen.add((x, y, w, h))
     assert len(seen) > 40
     assert len(set(tsn_positions(340, 256, 168, 168))) == 13
+    # crop_scales [1.0]: the whole short side, only the position along the long side varies
+    boxes = {multiscale_crop(340, 256, 224, rng, scales=(1.0,)) for _ in range(50)}
+    assert {b[2:] for b in boxes} == {(256, 256)} and {b[0] for b in boxes} == {0, 21, 42, 63, 84}
 
 
 def test_eval_crops_and_flip():
