@@ -65,3 +65,15 @@ def test_yaml_on_off_are_strings(tmp_path):
     cfg = load_config(write(tmp_path, "data:\n  flip: off\ntrain:\n  compile: true\n"), ["--data.flip=on"])
     assert cfg.data.flip == "on" and cfg.train.compile is True
     assert load_config(write(tmp_path, "data:\n  flip: off\n")).data.flip == "off"
+
+
+def test_readme_config_reference_lists_every_key():
+    """README's config reference is generated from config.py; a new field without a row fails here."""
+    import dataclasses
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cfg = Config()
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            assert f"`{section.name}.{f.name}`" in readme, f"README.md lacks a row for {section.name}.{f.name}"
