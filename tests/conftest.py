@@ -59,6 +59,17 @@ def ffmpeg_available() -> None:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run faster on one torch thread, and do not stall when other processes share the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def make_clip(ffmpeg_available, tmp_path):
     """`make_clip(name, **kw)` writes a small clip under tmp_path (see write_clip for kw)."""
 

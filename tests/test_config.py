@@ -76,4 +76,5 @@ def test_readme_config_reference_lists_every_key():
     cfg = Config()
     for section in dataclasses.fields(cfg):
         for f in dataclasses.fields(getattr(cfg, section.name)):
-            assert f"`{section.name}.{f.name}`" in readme, f"README.md lacks a row for {section.name}.{f.name}"
+            key = f"{section.name}.{f.name}"
+            assert f"`{key}`" in readme, f"README.md lacks a row for {key}"

@@ -10,14 +10,7 @@ from config import ModelConfig
 from models import MODELS, build_model
 from models.summary import count_macs  # conv/linear MACs: out elements x in_channels/groups x kernel
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and do not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _meta(name: str, **kw) -> nn.Module:

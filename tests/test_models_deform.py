@@ -8,14 +8,7 @@ import torch.nn.functional as F
 
 from models.deform import DeformConv2d, DeformConv2dPack, deform_conv2d
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems run faster on one thread, and do not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CASES = [  # (stride, padding, dilation, groups, offset_groups, kernel)

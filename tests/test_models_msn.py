@@ -22,13 +22,7 @@ from models.temporal.tsm import temporal_shift
 T = 8  # MSN's motion module groups frames by 8 (official), so the debug flavour keeps T = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and do not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def debug_model(name: str, **kw) -> nn.Module:
