@@ -11,16 +11,16 @@ truncated file under a checkpoint's name, and a good checkpoint is only ever rep
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from fileio import atomic_write
 
 CKPT_PATTERN = re.compile(r"^ckpt_e(\d+)_s(\d+)\.pt$")
 
@@ -36,19 +36,7 @@ def checkpoint_name(epoch: int, step: int) -> str:
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     """Write `state` to `path` atomically: temp file + fsync + os.replace (same filesystem)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -19,10 +19,9 @@ import csv
 import io
 import json
 import logging
-import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from config import (
     load_config,
     split_cli,
 )
+from fileio import atomic_write
 from trainlib import init_distributed, to_channels_last
 
 log = logging.getLogger("evaluate")
@@ -239,17 +239,6 @@ def evaluate_model(
 # --------------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, write: Callable[[io.IOBase], None], binary: bool = True) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb" if binary else "w", newline=None if binary else "") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_dump(
     path: Path, ids: np.ndarray, labels: np.ndarray, class_names: list[str] | None, **arrays
 ) -> None:
@@ -260,7 +249,7 @@ def save_dump(
     content = {"ids": ids.astype(np.int64), "labels": labels.astype(np.int64), **arrays}
     if class_names is not None:
         content["class_names"] = np.array(class_names, dtype=str)
-    _write_atomic(Path(path), lambda f: np.savez(f, **content))
+    atomic_write(Path(path), lambda f: np.savez(f, **content))
 
 
 def load_dump(path: str | Path) -> dict[str, np.ndarray]:
@@ -311,7 +300,7 @@ def write_reports(
         for suffix in ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png")
     ]
 
-    _write_atomic(paths[0], lambda f: f.write(json.dumps(metrics, indent=2) + "\n"), binary=False)
+    atomic_write(paths[0], lambda f: f.write(json.dumps(metrics, indent=2) + "\n"), binary=False)
 
     def per_class(f):
         w = csv.writer(f)
@@ -323,9 +312,9 @@ def write_reports(
         w.writerow(["true \\ predicted", *names])
         w.writerows([name, *row.tolist()] for name, row in zip(names, cm, strict=True))
 
-    _write_atomic(paths[1], per_class, binary=False)
-    _write_atomic(paths[2], confusion, binary=False)
-    _write_atomic(paths[3], lambda f: plot_confusion(cm, names, title, f))
+    atomic_write(paths[1], per_class, binary=False)
+    atomic_write(paths[2], confusion, binary=False)
+    atomic_write(paths[3], lambda f: plot_confusion(cm, names, title, f))
     return paths
 
 

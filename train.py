@@ -37,6 +37,7 @@ from checkpoint import (
     set_rng_state,
 )
 from config import Config, ConfigError, dump_yaml, load_config, split_cli, to_dict
+from fileio import atomic_write_text
 from trainlib import (
     MetricsLog,
     ModelEMA,
@@ -150,7 +151,7 @@ def train(cfg: Config, resume: str = "") -> dict:
     metrics = None
     if main_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_dir / "config.yaml", dump_yaml(cfg))
+        atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
         metrics = MetricsLog(out_dir, resume_step=step if ckpt_path else None)
         prov = provenance(info)
         metrics.write("start", step, provenance=prov, config=to_dict(cfg), resumed_from=str(ckpt_path or ""))
@@ -428,12 +429,6 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return keys
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

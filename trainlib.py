@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from config import OptimConfig
+from fileio import atomic_write_text
 
 # --------------------------------------------------------------------------------------------------
 # Process group
@@ -313,9 +314,7 @@ class MetricsLog:
                 continue  # a line cut by a crash
             if rec.get("step", 0) <= step:
                 keep.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in keep))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in keep))
 
     def write(self, kind: str, step: int, **values: Any) -> None:
         self.file.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")

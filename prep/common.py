@@ -10,7 +10,6 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from pathlib import Path
 from typing import TypeVar
 
 from rich.progress import (
@@ -21,6 +20,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from fileio import atomic_write_text  # noqa: F401  (re-exported for the prep tools)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,17 +46,6 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         print("interrupted: finished outputs are kept; run the same command again to resume", file=sys.stderr)
         code = 130
     sys.exit(code)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and os.replace, so readers never see a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def default_jobs() -> int:

@@ -1,0 +1,35 @@
+"""Atomic file writes, the one implementation every output of the project goes through.
+
+A temp file in the target's folder, flushed and fsynced, then `os.replace`: readers (and a crash
+mid-write) never see a half-written file, and an existing good file is only ever replaced whole.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = True) -> Path:
+    """Call `write(f)` on a temp file next to `path`, then move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    text_args = {} if binary else {"encoding": "utf-8", "newline": ""}
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **text_args) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text), binary=False)
