@@ -92,16 +92,7 @@ class ClipLoader:
             clip_indices(1000, mode, self.sampling)
         except ValueError as e:
             raise ValueError(f"{mode} sampling: {e}") from None
-        spatial = SpatialOptions(
-            input_size=data.input_size,
-            scale_size=data.scale_size,
-            train_crop=data.train_crop,
-            crop_scales=tuple(data.crop_scales),
-            flip=data.flip,
-            flip_pairs=pairs,
-            spatial_crops=self.views.spatial_crops if test else 1,
-            full_res=self.views.full_res if test else False,
-        )
+        spatial = SpatialOptions.from_config(data, pairs, self.views if test else None)
         self.batch = self.views.batch_size if test else data.batch_size
         self.source = ClipSource(
             entries=entries, kind=source_kind(data), split=mode, sampling=self.sampling, spatial=spatial,

@@ -161,10 +161,10 @@ class BaselineDataset(torch.utils.data.Dataset):
         n = len(self.entries)
         self.order = epoch_order(n, "train", data.seed, epoch, 0, 1, data.batch_size, data.uneven)
         self.opts = sampling_options(data, None)
-        self.spatial = ClipSource(self.entries, "pyav", "train", self.opts, SpatialOptions(
-            input_size=data.input_size, scale_size=data.scale_size, train_crop=data.train_crop,
-            crop_scales=tuple(data.crop_scales), flip=data.flip,
-        ), data.seed, 0, 1, data.batch_size)  # fmt: skip
+        spatial = SpatialOptions.from_config(data)
+        self.spatial = ClipSource(
+            self.entries, "pyav", "train", self.opts, spatial, data.seed, 0, 1, data.batch_size
+        )
         self.mean = torch.tensor(data.mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(data.std).view(1, 3, 1, 1) * 255
 

@@ -14,12 +14,17 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .augment import eval_crops, flip_and_label, multiscale_crop, random_resized_crop, to_roi
 from .listfile import Entry
 from .sampling import REPLACE, SPATIAL, SamplingOptions, clip_indices, sample_rng
+
+if TYPE_CHECKING:
+    from config import DataConfig, EvalConfig
+
 from .video_io import VideoIndex, VideoReadError, decode_frames, index_video
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,22 @@ class SpatialOptions:
     flip_pairs: dict[int, int] = field(default_factory=dict)
     spatial_crops: int = 1
     full_res: bool = False
+
+    @classmethod
+    def from_config(
+        cls, data: DataConfig, flip_pairs: dict[int, int] | None = None, views: EvalConfig | None = None
+    ) -> SpatialOptions:
+        """The data section's crop/flip fields; `views` (test mode only) adds the spatial test views."""
+        return cls(
+            input_size=data.input_size,
+            scale_size=data.scale_size,
+            train_crop=data.train_crop,
+            crop_scales=tuple(data.crop_scales),
+            flip=data.flip,
+            flip_pairs=flip_pairs or {},
+            spatial_crops=views.spatial_crops if views is not None else 1,
+            full_res=views.full_res if views is not None else False,
+        )
 
     @property
     def out_size(self) -> int:
