@@ -4,11 +4,11 @@
 
 Trains a debug-size TSM and a TSN of exactly the same size (TSN = the same ResNet without the temporal
 shift) with configs/demo.yaml through train.train, then scores both final checkpoints on the validation
-list with evaluate.evaluate_model (the code behind evaluate.py). Every demo class has a time-reversed twin
-(move_left/move_right, grow/shrink, ...) whose frames have the same distribution, so a frame-order-blind
-TSN cannot beat chance within a pair, while TSM, which exchanges features between neighbouring frames,
-can. Printed: top-1 over all classes, the accuracy of telling each clip's class from its reverse twin
-("direction"), training time, and the run directory.
+list with engine.scoring.evaluate_model (the code behind evaluate.py). Every demo class has a time-
+reversed twin (move_left/move_right, grow/shrink, ...) whose frames have the same distribution, so a
+frame-order-blind TSN cannot beat chance within a pair, while TSM, which exchanges features between
+neighbouring frames, can. Printed: top-1 over all classes, the accuracy of telling each clip's class
+from its reverse twin ("direction"), training time, and the run directory.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def direction_accuracy(scores: np.ndarray, labels: np.ndarray, pairs: list[tuple
 def train_and_score(name: str, data: Path, out_dir: Path, overrides: list[str]) -> dict:
     """Train `name` with configs/demo.yaml on `data`; score its final checkpoint on the val list."""
     import train
-    from checkpoint import load_checkpoint
-    from config import load_config
     from dali_pipes.loader import build_loader
-    from evaluate import evaluate_model
+    from engine.checkpoint import load_checkpoint
+    from engine.config import load_config
+    from engine.scoring import evaluate_model
     from models import build_model
 
     cfg = load_config(

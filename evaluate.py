@@ -1,37 +1,32 @@
-"""Multi-view testing: a checkpoint's per-view scores -> metrics, plots, score dumps; and fusion of dumps.
+"""Multi-view testing of a checkpoint, and fusion of score dumps: the command line.
 
     torchrun --nproc_per_node=8 evaluate.py configs/tsm_k400.yaml --checkpoint tsm_k400.pt --views 3x10
     python evaluate.py --checkpoint runs/demo --views 3x2   # newest checkpoint of a run, with its config
     python evaluate.py --fuse rgb.npz flow.npz --fuse-mode softmax --out fused.npz
 
-`evaluate_model` is also train.py's validation step, so a validation accuracy and a test accuracy come
-from the same code. The loader shards the videos over the ranks; every rank sends its scores to every
-other (padded all_gather), and the union is de-duplicated and sorted by video id, so each video counts
-exactly once whatever the world size, and the result does not depend on it.
+This file resolves the config and the checkpoint, builds the test loader and the model, and writes the
+outputs. The scoring itself (views through the model, gather across ranks, view fusion, metrics) is
+engine/scoring.py, the same code train.py validates with; dumps, reports and dump fusion are
+engine/reports.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import csv
-import io
 import json
 import logging
 import sys
-import time
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from torch import nn
 
-from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from config import (
+from engine.channels_last import model_channels_last
+from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from engine.config import (
     Config,
     ConfigError,
     EvalConfig,
@@ -41,377 +36,16 @@ from config import (
     load_config,
     split_cli,
 )
-from fileio import atomic_write
-from trainlib import init_distributed, to_channels_last
+from engine.distributed import init_distributed
+from engine.reports import DumpError, fuse_dumps, metric_rows, print_table, save_dump, write_reports
+from engine.scoring import FUSE_MODES, EvalResult, compute_metrics, evaluate_model
 
 log = logging.getLogger("evaluate")
-
-FUSE_MODES = ("logits", "softmax")
-
-
-class DumpError(ValueError):
-    """A score dump that cannot be used (missing keys, disagreeing ids/labels); names the file."""
-
-
-@dataclass
-class EvalResult:
-    """Scores of every video of the list, sorted by video id, identical on every rank."""
-
-    ids: np.ndarray  # (n,) int64: line index of the video in the list
-    labels: np.ndarray  # (n,) int64
-    view_logits: np.ndarray  # (n, V, C) float32, view v = clip * crops + crop
-    scores: np.ndarray  # (n, C) views fused (mean logits, or mean softmax probabilities)
-    metrics: dict[str, float]  # top1, top5, mean_class (percent), videos, videos_per_s
-
-
-# --------------------------------------------------------------------------------------------------
-# Scoring
-# --------------------------------------------------------------------------------------------------
-
-
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def fuse_views(view_logits: np.ndarray, mode: str) -> np.ndarray:
-    """(n, V, C) -> (n, C): the TSM family averages logits; MMAction2 and MSN average softmax."""
-    if mode not in FUSE_MODES:
-        raise ValueError(f"fuse mode must be one of {', '.join(FUSE_MODES)}, got {mode!r}")
-    views = view_logits.astype(np.float32)
-    return (softmax(views) if mode == "softmax" else views).mean(axis=1)
-
-
-def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    """Rows = true class, columns = predicted class, counts."""
-    bad = (labels < 0) | (labels >= num_classes)
-    if bad.any():
-        raise ValueError(
-            f"label {int(labels[bad][0])} is outside 0..{num_classes - 1} "
-            f"(model.num_classes = {num_classes}): the list and the model disagree on the classes"
-        )
-    flat = labels.astype(np.int64) * num_classes + preds.astype(np.int64)
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def compute_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Top-1 / top-5 over videos and mean class accuracy over the classes present, in percent.
-
-    Mean class accuracy averages per-class recall over classes with at least one video (as MMAction2);
-    an absent class would otherwise be 0/0.
-    """
-    n, num_classes = scores.shape
-    if n == 0:
-        raise ValueError("no videos to score")
-    k = min(5, num_classes)
-    topk = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    hits = topk == labels[:, None]
-    cm = confusion_matrix(labels, topk[:, 0], num_classes)
-    count, correct = cm.sum(axis=1), np.diag(cm)
-    present = count > 0
-    return {
-        "top1": float(hits[:, 0].mean() * 100),
-        "top5": float(hits.any(axis=1).mean() * 100),
-        "mean_class": float((correct[present] / count[present]).mean() * 100),
-        "videos": n,
-    }
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """DDP's forward is not needed to score, and skipping it keeps ranks with fewer batches from hanging."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-    if amp not in dtypes:
-        raise ValueError(f"amp must be one of bf16, fp16, fp32, got {amp!r}")
-    if dtypes[amp] is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtypes[amp])
-
-
-def _gather_from_ranks(
-    ids: torch.Tensor, labels: torch.Tensor, view_logits: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Concatenate every rank's rows on every rank. Ranks hold different counts (the last may hold none),
-    so rows are padded to the largest count for all_gather and trimmed afterwards."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return ids, labels, view_logits
-    backend = dist.get_backend()
-    comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    world = dist.get_world_size()
-    n, v, c = view_logits.shape
-    sizes = [torch.zeros(2, dtype=torch.int64, device=comm) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([n, v], dtype=torch.int64, device=comm))
-    sizes = [tuple(s.tolist()) for s in sizes]
-    views = sorted({v_r for n_r, v_r in sizes if n_r})
-    if len(views) > 1:
-        raise RuntimeError(f"ranks delivered different numbers of views per video: {views}")
-    views_per_video = views[0] if views else v
-    most = max(n_r for n_r, _ in sizes)
-
-    def gather(local: torch.Tensor, row_shape: tuple[int, ...]) -> torch.Tensor:
-        padded = torch.zeros((most, *row_shape), dtype=local.dtype, device=comm)
-        if n:
-            padded[:n] = local.to(comm)
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-        return torch.cat([part[:n_r] for part, (n_r, _) in zip(parts, sizes, strict=True)]).cpu()
-
-    return gather(ids, ()), gather(labels, ()), gather(view_logits, (views_per_video, c))
-
-
-@torch.inference_mode()
-def evaluate_model(
-    model: nn.Module,
-    loader: Iterable[dict],
-    num_classes: int,
-    fuse: str = "logits",
-    amp: str = "bf16",
-    channels_last: bool = True,
-) -> EvalResult:
-    """Score every view of every video the loader yields (all ranks together), fuse views, measure.
-
-    Batches are {"clips": (N, V, ...) or a single-view (N, ...), "labels": (N,), "ids": (N,)}. The V views
-    are folded into the batch (N*V clips through the model at once) and unfolded from the logits.
-    Logits stay on the device until the end, so the loop has no host syncs.
-    """
-    if fuse not in FUSE_MODES:
-        raise ValueError(f"fuse must be one of {', '.join(FUSE_MODES)}, got {fuse!r}")
-    net = _unwrap(model)
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    layout = getattr(net, "layout", "NTCHW")
-    autocast = _autocast(device, amp)
-    ids, labels, logits = [], [], []
-    start = time.perf_counter()
-    try:
-        for batch in loader:
-            clips = batch["clips"]
-            if clips.dim() == 5:  # a train/val-shaped batch: one view per video
-                clips = clips.unsqueeze(1)
-            n, v = clips.shape[:2]
-            x = clips.to(device, non_blocking=True).flatten(0, 1)
-            if amp == "fp32":
-                x = x.float()
-            if channels_last:
-                x = to_channels_last(x, layout)
-            with autocast:
-                out = net(x)
-            if out.shape != (n * v, num_classes):
-                raise ValueError(
-                    f"model output {tuple(out.shape)} for {n} videos x {v} views; expected "
-                    f"({n * v}, {num_classes}) (num_classes = model.num_classes)"
-                )
-            logits.append(out.float().view(n, v, num_classes))
-            ids.append(batch["ids"].reshape(-1))
-            labels.append(batch["labels"].reshape(-1))
-    finally:
-        net.train(was_training)
-    if logits:
-        local = (torch.cat(ids).to(torch.int64), torch.cat(labels).to(torch.int64), torch.cat(logits))
-    else:  # this rank's shard was empty
-        empty = torch.zeros(0, dtype=torch.int64)
-        local = (empty, empty, torch.zeros(0, 0, num_classes, device=device))
-    all_ids, all_labels, all_logits = (t.cpu().numpy() for t in _gather_from_ranks(*local))
-    elapsed = time.perf_counter() - start
-
-    order = np.argsort(all_ids, kind="stable")
-    all_ids, all_labels, all_logits = all_ids[order], all_labels[order], all_logits[order]
-    first = np.ones(len(all_ids), dtype=bool)
-    first[1:] = all_ids[1:] != all_ids[:-1]
-    if not first.all():
-        log.warning("%d duplicate video ids from the loader were scored once", int((~first).sum()))
-        all_ids, all_labels, all_logits = all_ids[first], all_labels[first], all_logits[first]
-    if len(all_ids) == 0:
-        raise ValueError("the loader yielded no videos on any rank (empty list?)")
-
-    scores = fuse_views(all_logits, fuse)
-    metrics = compute_metrics(scores, all_labels)
-    metrics["videos_per_s"] = len(all_ids) / max(elapsed, 1e-9)
-    return EvalResult(all_ids, all_labels, all_logits.astype(np.float32), scores, metrics)
-
-
-# --------------------------------------------------------------------------------------------------
-# Outputs (all written atomically: a temp file next to the target, then os.replace)
-# --------------------------------------------------------------------------------------------------
-
-
-def save_dump(
-    path: Path, ids: np.ndarray, labels: np.ndarray, class_names: list[str] | None, **arrays
-) -> None:
-    """A .npz of ids, labels, class_names (when known) and `arrays` (view_logits, or scores for a fusion).
-
-    Strings are stored as fixed-width unicode arrays, so np.load needs no pickle.
-    """
-    content = {"ids": ids.astype(np.int64), "labels": labels.astype(np.int64), **arrays}
-    if class_names is not None:
-        content["class_names"] = np.array(class_names, dtype=str)
-    atomic_write(Path(path), lambda f: np.savez(f, **content))
-
-
-def load_dump(path: str | Path) -> dict[str, np.ndarray]:
-    path = Path(path)
-    if not path.is_file():
-        raise DumpError(f"{path}: score dump not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            dump = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise DumpError(f"{path}: not a readable .npz score dump ({e})") from None
-    missing = {"ids", "labels"} - dump.keys()
-    if missing or not ({"view_logits", "scores"} & dump.keys()):
-        raise DumpError(
-            f"{path}: not a score dump from evaluate.py (has {sorted(dump)}, needs ids, labels and "
-            "view_logits or scores)"
-        )
-    rows = {k: len(dump[k]) for k in ("ids", "labels", "view_logits", "scores") if k in dump}
-    if len(set(rows.values())) != 1:
-        raise DumpError(f"{path}: arrays of different lengths {rows}")
-    return dump
-
-
-def per_class_rows(cm: np.ndarray, names: list[str]) -> list[list]:
-    """class, name, videos, correct, accuracy % (empty for a class without videos)."""
-    rows = []
-    for c, name in enumerate(names):
-        count, correct = int(cm[c].sum()), int(cm[c, c])
-        rows.append([c, name, count, correct, f"{100 * correct / count:.2f}" if count else ""])
-    return rows
-
-
-def write_reports(
-    out: Path,
-    labels: np.ndarray,
-    scores: np.ndarray,
-    class_names: list[str] | None,
-    metrics: dict,
-    title: str,
-) -> list[Path]:
-    """Next to the dump <out>.npz: <out>.metrics.json, .per_class.csv, .confusion.csv and .confusion.png."""
-    stem = Path(out).with_suffix("")
-    num_classes = scores.shape[1]
-    names = class_names or [str(c) for c in range(num_classes)]
-    cm = confusion_matrix(labels, scores.argmax(axis=1), num_classes)
-    paths = [
-        Path(f"{stem}.{suffix}")
-        for suffix in ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png")
-    ]
-
-    atomic_write(paths[0], lambda f: f.write(json.dumps(metrics, indent=2) + "\n"), binary=False)
-
-    def per_class(f):
-        w = csv.writer(f)
-        w.writerow(["class", "name", "videos", "correct", "accuracy"])
-        w.writerows(per_class_rows(cm, names))
-
-    def confusion(f):
-        w = csv.writer(f)
-        w.writerow(["true \\ predicted", *names])
-        w.writerows([name, *row.tolist()] for name, row in zip(names, cm, strict=True))
-
-    atomic_write(paths[1], per_class, binary=False)
-    atomic_write(paths[2], confusion, binary=False)
-    atomic_write(paths[3], lambda f: plot_confusion(cm, names, title, f))
-    return paths
-
-
-def plot_confusion(cm: np.ndarray, names: list[str], title: str, f: io.IOBase) -> None:
-    """Row-normalised confusion matrix as PNG. A bare Figure renders with Agg and touches no pyplot state."""
-    from matplotlib.figure import Figure
-
-    num_classes = len(names)
-    counts = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, counts, out=np.zeros(cm.shape, dtype=float), where=counts > 0)
-    side = min(4 + 0.3 * num_classes, 30)
-    fig = Figure(figsize=(side + 1.5, side))
-    ax = fig.add_subplot()
-    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    if num_classes <= 50:  # beyond that the names are unreadable; the CSV has them
-        ax.set_xticks(range(num_classes), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(num_classes), names, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(f, format="png", dpi=100)
-
-
-def print_table(rows: list[tuple[str, str]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for name, _ in rows:
-        table.add_column(name, justify="right", no_wrap=True)
-    table.add_row(*(value for _, value in rows))
-    Console().print(table)
-
-
-def metric_rows(metrics: dict) -> list[tuple[str, str]]:
-    rows = [("videos", str(metrics["videos"]))]
-    rows += [(name, f"{metrics[key]:.2f}") for key, name in (("top1", "top-1 %"), ("top5", "top-5 %"))]
-    rows.append(("mean class %", f"{metrics['mean_class']:.2f}"))
-    if "videos_per_s" in metrics:
-        rows.append(("videos/s", f"{metrics['videos_per_s']:.1f}"))
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------
 # Fusion of dumps (several models, or the same model under several view settings)
 # --------------------------------------------------------------------------------------------------
-
-
-def fuse_dumps(
-    paths: list[str | Path], mode: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str] | None]:
-    """Mean over the dumps of each dump's view-fused scores, every dump weighted equally.
-
-    Like the seeds' score-fusion scripts: each input's views are fused first (mean logits or mean softmax),
-    then the inputs are averaged. Ids and labels must agree (a dump is sorted by id when read), and the
-    error names the file that differs. A fused file (scores, no view_logits) can be an input if it was
-    fused with the same mode.
-    """
-    if mode not in FUSE_MODES:
-        raise ValueError(f"--fuse-mode must be one of {', '.join(FUSE_MODES)}, got {mode!r}")
-    total, ref_ids, ref_labels, ref_path, class_names = None, None, None, None, None
-    for path in paths:
-        dump = load_dump(path)
-        order = np.argsort(dump["ids"], kind="stable")
-        ids, labels = dump["ids"][order], dump["labels"][order]
-        if "view_logits" in dump:
-            scores = fuse_views(dump["view_logits"][order], mode)
-        else:
-            stored = str(dump.get("fuse_mode", "unknown"))
-            if stored != mode:
-                raise DumpError(f"{path}: holds scores fused as {stored}, cannot fuse them as {mode}")
-            scores = dump["scores"][order].astype(np.float32)
-        if total is None:
-            total, ref_ids, ref_labels, ref_path = scores.astype(np.float64), ids, labels, path
-            class_names = dump["class_names"].tolist() if "class_names" in dump else None
-            continue
-        if len(ids) != len(ref_ids) or (ids != ref_ids).any():
-            missing = np.setdiff1d(ref_ids, ids)
-            extra = np.setdiff1d(ids, ref_ids)
-            raise DumpError(
-                f"{path}: video ids differ from {ref_path} ({len(missing)} missing, e.g. "
-                f"{missing[:3].tolist()}; {len(extra)} extra, e.g. {extra[:3].tolist()}); "
-                "were both made from the same list?"
-            )
-        if (labels != ref_labels).any():
-            bad = ids[labels != ref_labels]
-            raise DumpError(
-                f"{path}: labels differ from {ref_path} for {len(bad)} videos (ids {bad[:5].tolist()})"
-            )
-        if scores.shape[1] != total.shape[1]:
-            raise DumpError(f"{path}: {scores.shape[1]} classes, {ref_path} has {total.shape[1]}")
-        total += scores
-    if total is None:
-        raise DumpError("--fuse needs at least one dump")
-    return ref_ids, ref_labels, (total / len(paths)).astype(np.float32), class_names
 
 
 def fuse_main(paths: list[str], mode: str, out: str | None) -> int:
@@ -496,7 +130,7 @@ def load_model_weights(model: nn.Module, ckpt: dict, ckpt_path: str, weights: st
 
 
 def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
-    # Imported here: evaluate_model (train.py) and --fuse need neither DALI nor the model zoo.
+    # Imported here: --fuse needs neither DALI nor the model zoo.
     from dali_pipes.loader import build_loader
     from models import build_model
 
@@ -521,7 +155,7 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
         del ckpt
         model.to(info.device)
         if cfg.train.channels_last:
-            model.to(memory_format=torch.channels_last_3d if model.layout == "NCTHW" else torch.channels_last)
+            model = model_channels_last(model)
         device_id = info.local_rank if cfg.data.device == "gpu" else None
         loader = build_loader(cfg.data, "test", info.rank, info.world_size, views=views, device_id=device_id)
         result = evaluate_model(

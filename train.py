@@ -1,9 +1,11 @@
 """Train a video classifier: `python train.py CONFIG [--section.key=value ...] [--resume auto|PATH]`.
 
 Multi-GPU: `torchrun --nproc_per_node=N train.py CONFIG ...` (one process and one DALI pipeline per GPU,
-NCCL; gloo on CPU). Reads top-down: config -> process group -> data -> model -> optimizer -> resume ->
-loop (AMP, accumulation, clipping, non-finite guard) -> validation -> checkpoints. Helpers without
-state live in trainlib.py, checkpoint files in checkpoint.py. See docs/TRAINING.md.
+NCCL; gloo on CPU). Reads top-down: `train` sets up in order (process group -> data -> model ->
+optimizer -> resume) and runs the epochs; `train_epoch` is the loop (fetch, forward/backward, optimizer
+step, log, checkpoint). The step mechanics (AMP, accumulation, clipping, non-finite guard) are in
+engine/step.py, the LR schedule in engine/optim.py, checkpoint files in engine/checkpoint.py, validation
+scoring in engine/scoring.py. See docs/TRAINING.md and docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (
+from engine.channels_last import model_channels_last
+from engine.checkpoint import (
     CheckpointError,
     checkpoint_name,
     latest_checkpoint,
@@ -36,26 +40,13 @@ from checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from config import Config, ConfigError, dump_yaml, load_config, split_cli, to_dict
-from fileio import atomic_write_text
-from trainlib import (
-    MetricsLog,
-    ModelEMA,
-    all_finite,
-    all_gather_objects,
-    build_optimizer,
-    build_scheduler,
-    init_distributed,
-    mean_over_ranks,
-    model_channels_last,
-    provenance,
-    scaled_lr,
-    to_channels_last,
-)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training met a non-finite loss (train.nonfinite: stop) or non-finite weights; names the step."""
+from engine.config import Config, ConfigError, dump_yaml, load_config, split_cli, to_dict
+from engine.distributed import DistInfo, all_gather_objects, init_distributed
+from engine.fileio import atomic_write_text
+from engine.metrics_log import LogWindow, MetricsLog, provenance
+from engine.optim import ModelEMA, build_optimizer, build_scheduler, scaled_lr
+from engine.scoring import evaluate_model
+from engine.step import NonFiniteLossError, TrainStep, all_finite
 
 
 class RunDirError(RuntimeError):
@@ -67,11 +58,154 @@ class RunDirError(RuntimeError):
 USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, RunDirError, NonFiniteLossError)
 
 
+@dataclass
+class Run:
+    """One training job: the pieces a checkpoint saves, and the loop's bookkeeping."""
+
+    cfg: Config
+    info: DistInfo
+    out_dir: Path
+    console: Console
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA | None
+    train_loader: Any
+    val_loader: Any
+    stepper: TrainStep | None = None
+    metrics: MetricsLog | None = None
+    progress: Progress | None = None
+    window: LogWindow = field(default_factory=LogWindow)
+    epoch: int = 0
+    step: int = 0
+    last_ckpt: Path | None = None
+    val_results: dict = field(default_factory=dict)
+    batches_per_rank: list[list[int]] = field(default_factory=list)
+
+
 def train(cfg: Config, resume: str = "") -> dict:
     """Run (or continue) one training job; returns a summary (step, final validation, checkpoint path)."""
-    # ---------------------------------------------------------------- process group, seeds, run dir
+    info = setup_process(cfg)
+    out_dir = Path(cfg.train.out_dir)
+    ckpt_path = resolve_resume(resume, out_dir)
+    console = Console(stderr=True, quiet=not info.is_main)
+
+    # data: one loader per rank (imported late: `--print-config` works without DALI)
+    from dali_pipes.loader import build_loader
+
+    device_id = info.local_rank if cfg.data.device == "gpu" else None
+    train_loader = build_loader(cfg.data, "train", info.rank, info.world_size, device_id=device_id)
+    val_loader = None
+    if cfg.train.eval_every > 0:
+        val_loader = build_loader(cfg.data, "val", info.rank, info.world_size, device_id=device_id)
+
+    # model: build_model loads model.pretrained; a resumed run takes its weights from the checkpoint
+    from models import build_model
+
+    model = build_model(dataclasses.replace(cfg.model, pretrained="") if ckpt_path else cfg.model)
+    model = model.to(info.device)
+    if cfg.train.channels_last:
+        model = model_channels_last(model)
+
+    # optimizer, schedule, AMP loss scaling (fp16 only), EMA
+    total_batch = cfg.data.batch_size * info.world_size * cfg.train.accum_steps
+    lr = scaled_lr(cfg.optim, total_batch)
+    optimizer = build_optimizer(model, cfg.optim, lr)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accum_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp == "fp16")
+    ema = ModelEMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
+    run = Run(cfg, info, out_dir, console, model, optimizer, scheduler, scaler, ema, train_loader, val_loader)
+
+    start_epoch, start_batch, data_state = restore(run, ckpt_path) if ckpt_path else (0, 0, None)
+    run.stepper = TrainStep(
+        model, wrap_model(model, cfg.train.compile, info), optimizer, scheduler, scaler, ema,
+        cfg.train, cfg.optim, warn=console.print,
+    )  # fmt: skip
+    if info.is_main:
+        start_log(run, ckpt_path, f"total batch {total_batch}, lr {lr:g}, {steps_per_epoch} steps/epoch")
+
+    # the epochs
+    run.progress = Progress(
+        TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[stats]}"), console=console,
+        disable=not (info.is_main and cfg.train.progress and console.is_terminal),
+    )  # fmt: skip
+    model.train()
+    run.window.reset()
+    with run.progress:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            first = start_batch if epoch == start_epoch else 0
+            if train_epoch(run, epoch, first, data_state if first else None):
+                return finish(run, epoch, stopped=True)
+            if end_epoch(run, epoch):
+                return finish(run, epoch + 1, stopped=True)
+    return finish(run, cfg.train.epochs, stopped=False)
+
+
+def train_epoch(run: Run, epoch: int, first: int, data_state: dict | None) -> bool:
+    """Batches `first`.. of one epoch; True when train.stop_at_step stopped it (a checkpoint was written)."""
+    cfg, loader, stepper, progress = run.cfg, run.train_loader, run.stepper, run.progress
+    accum = cfg.train.accum_steps
+    run.epoch = epoch
+    loader.set_epoch(epoch)
+    if data_state is not None:
+        loader.load_state_dict(data_state)
+    n_batches = len(loader)
+    task = progress.add_task("", total=n_batches, completed=first, epoch=epoch + 1, stats="")
+    i = first
+    for batch in run.window.timed(loader):
+        if i % accum == 0:
+            stepper.begin()
+        i += 1
+        last_micro = i % accum == 0 or i == n_batches
+        run.window.clips += stepper.forward_backward(batch, sync=last_micro)
+        progress.advance(task)
+        if not last_micro:
+            continue
+        stepper.update(run.step, micro_batches=accum if i % accum == 0 else i % accum)
+        run.step += 1
+        if run.step % cfg.train.log_every == 0:
+            log_train(run, task, i, n_batches)
+        if cfg.train.stop_at_step and run.step >= cfg.train.stop_at_step and i < n_batches:
+            path = save(run, epoch, i)
+            run.console.print(f"stopped at step {run.step} as asked (train.stop_at_step); checkpoint {path}")
+            return True
+    progress.remove_task(task)
+    counts = all_gather_objects(i - first)
+    run.batches_per_rank.append(counts)
+    if run.metrics is not None:
+        run.metrics.write("epoch", run.step, epoch=epoch + 1, batches_per_rank=counts)
+    return False
+
+
+def end_epoch(run: Run, epoch: int) -> bool:
+    """Validation and checkpoint at an epoch's end; True when train.stop_at_step ends the run here."""
+    cfg = run.cfg.train
+    run.stepper.guard.check(epoch, run.last_ckpt)
+    last_epoch = epoch + 1 == cfg.epochs
+    if run.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
+        run.val_results = validate(run, epoch)
+    stop_now = bool(cfg.stop_at_step) and run.step >= cfg.stop_at_step
+    if last_epoch or stop_now or (epoch + 1) % cfg.ckpt_every == 0:
+        path = save(run, epoch + 1, 0)
+        if path is not None:
+            run.console.print(f"checkpoint {path}")
+    if stop_now and not last_epoch:
+        run.console.print(f"stopped at step {run.step} as asked (train.stop_at_step)")
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces `train` calls, in the order it calls them
+# --------------------------------------------------------------------------------------------------
+
+
+def setup_process(cfg: Config) -> DistInfo:
+    """Process group, CPU threads, per-rank seeds and CUDA math flags."""
     info = init_distributed()
-    main_rank = info.is_main
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     seed = cfg.train.seed + info.rank
@@ -84,320 +218,7 @@ def train(cfg: Config, resume: str = "") -> dict:
         torch.backends.cudnn.allow_tf32 = True
     if cfg.data.device == "gpu" and info.device.type != "cuda":
         raise ConfigError("data.device: 'gpu' but this machine has no CUDA device; pass --data.device=cpu")
-    out_dir = Path(cfg.train.out_dir)
-    ckpt_path = resolve_resume(resume, out_dir)
-    console = Console(stderr=True, quiet=not main_rank)
-
-    # ---------------------------------------------------------------- data: one loader per rank
-    from dali_pipes.loader import build_loader  # imported late: `--print-config` works without DALI
-
-    device_id = info.local_rank if cfg.data.device == "gpu" else None
-    train_loader = build_loader(cfg.data, "train", info.rank, info.world_size, device_id=device_id)
-    val_loader = None
-    if cfg.train.eval_every > 0:
-        val_loader = build_loader(cfg.data, "val", info.rank, info.world_size, device_id=device_id)
-
-    # ---------------------------------------------------------------- model
-    from models import build_model
-
-    # build_model loads model.pretrained; a resumed run takes its weights from the checkpoint instead
-    model = build_model(dataclasses.replace(cfg.model, pretrained="") if ckpt_path else cfg.model)
-    model = model.to(info.device)
-    layout = getattr(model, "layout", "NTCHW")
-    if cfg.train.channels_last:
-        model = model_channels_last(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    # ---------------------------------------------------------------- optimizer, schedule, AMP, EMA
-    accum = cfg.train.accum_steps
-    total_batch = cfg.data.batch_size * info.world_size * accum
-    lr = scaled_lr(cfg.optim, total_batch)
-    optimizer = build_optimizer(model, cfg.optim, lr)
-    steps_per_epoch = math.ceil(len(train_loader) / accum)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
-    fp16 = cfg.train.amp == "fp16"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=fp16)
-    ema = ModelEMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
-
-    # ---------------------------------------------------------------- resume
-    start_epoch, start_batch, step, data_state = 0, 0, 0, None
-    if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path, map_location=info.device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when the run it comes from did not use fp16
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"] if state.get("ema") else state["model"])
-        start_epoch, start_batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
-        data_state = state["data_state"]
-        rngs = state["rng"]
-        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
-        changed = config_changes(state["config"], to_dict(cfg))
-        console.print(f"resumed from {ckpt_path} (epoch {start_epoch}, step {step})")
-        if changed:
-            console.print(f"[yellow]config differs from the checkpoint's: {', '.join(changed)}")
-
-    train_model: torch.nn.Module = model
-    if info.world_size > 1:
-        ids = [info.local_rank] if info.device.type == "cuda" else None
-        train_model = DDP(model, device_ids=ids, gradient_as_bucket_view=True)
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
-
-    # ---------------------------------------------------------------- provenance (rank 0)
-    metrics = None
-    if main_rank:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
-        metrics = MetricsLog(out_dir, resume_step=step if ckpt_path else None)
-        prov = provenance(info)
-        metrics.write("start", step, provenance=prov, config=to_dict(cfg), resumed_from=str(ckpt_path or ""))
-        n_all = sum(p.numel() for p in model.parameters())
-        dirty = " (dirty)" if prov["git_dirty"] else ""
-        groups = ", ".join(g["name"] for g in optimizer.param_groups)
-        console.print(
-            f"run dir {out_dir.resolve()} | git {prov['git_sha'][:10]}{dirty} | torch {prov['torch']}, "
-            f"DALI {prov['dali']}, CUDA {prov['cuda']} | {info.world_size} x {prov['devices'][0]}"
-        )
-        console.print(
-            f"{cfg.model.name}: {sum(p.numel() for p in params):,} trainable / {n_all:,} params; groups "
-            f"{groups}; total batch {total_batch}, lr {lr:g}, {steps_per_epoch} steps/epoch x "
-            f"{cfg.train.epochs} epochs, amp {cfg.train.amp}"
-        )
-
-    # ---------------------------------------------------------------- helpers that close over the run
-    last_ckpt: Path | None = ckpt_path
-    bad_steps = torch.zeros((), dtype=torch.long, device=info.device)  # non-finite steps so far
-    first_bad = torch.full((), -1, dtype=torch.long, device=info.device)  # the first of them
-    reported_bad = 0
-
-    def check_nonfinite() -> None:
-        """One host sync: stop (or report skips) when non-finite steps happened since the last check."""
-        nonlocal reported_bad
-        n_bad = torch.stack([bad_steps, first_bad])
-        if info.world_size > 1:
-            dist.all_reduce(n_bad, op=dist.ReduceOp.MAX)
-        count, first = (int(v) for v in n_bad.tolist())
-        if count <= reported_bad:
-            return
-        if cfg.train.nonfinite == "stop":
-            raise NonFiniteLossError(
-                f"non-finite loss/gradients at step {first} (epoch {epoch + 1}); stopped. Its update was not "
-                f"applied and no checkpoint was written after it; last good checkpoint: {last_ckpt or 'none'}"
-            )
-        console.print(f"[yellow]skipped {count - reported_bad} non-finite step(s) (first at step {first})")
-        reported_bad = count
-
-    def save(next_epoch: int, batch_in_epoch: int) -> Path | None:
-        """Checkpoint after `step` (all ranks call it: RNG states are gathered). Refuses NaN weights."""
-        nonlocal last_ckpt
-        check_nonfinite()
-        if not all_finite(model):
-            raise NonFiniteLossError(
-                f"weights are non-finite at step {step}; not saving over {last_ckpt or 'nothing'}"
-            )
-        rngs = all_gather_objects(rng_state())
-        if not main_rank:
-            return None
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": next_epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "step": step,
-            "data_state": train_loader.state_dict(),
-            "rng": rngs,
-            "config": to_dict(cfg),
-            "ema": ema.state_dict() if ema is not None else None,
-        }
-        last_ckpt = save_checkpoint(out_dir / checkpoint_name(next_epoch, step), state)
-        prune_checkpoints(out_dir, cfg.train.keep_ckpts)
-        return last_ckpt
-
-    def validate(epoch: int) -> dict:
-        from evaluate import evaluate_model
-
-        results = {}
-        for tag, net in [("val", model)] + ([("val_ema", ema.module)] if ema is not None else []):
-            net.eval()
-            res = evaluate_model(
-                net, val_loader, cfg.model.num_classes, fuse=cfg.eval.fuse, amp=cfg.train.amp,
-                channels_last=cfg.train.channels_last,
-            )  # fmt: skip
-            results[tag] = {k: float(v) for k, v in res.metrics.items()}
-        model.train()
-        if main_rank:
-            for tag, m in results.items():
-                metrics.write(tag, step, epoch=epoch + 1, **m)
-                console.print(
-                    f"epoch {epoch + 1} {tag}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  "
-                    f"({int(m['videos'])} videos, {m['videos_per_s']:.1f}/s)"
-                )
-        return results
-
-    def finish(epochs_done: int, stopped: bool) -> dict:
-        if metrics is not None:
-            metrics.close()
-        return {
-            "out_dir": str(out_dir.resolve()),
-            "step": step,
-            "epoch": epochs_done,
-            "checkpoint": str(last_ckpt or ""),
-            "val": val_results,
-            "batches_per_rank": batches_per_rank,
-            "stopped_early": stopped,
-            "skipped_steps": reported_bad,
-        }
-
-    # ---------------------------------------------------------------- the loop
-    progress = Progress(
-        TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[stats]}"), console=console,
-        disable=not (main_rank and cfg.train.progress and console.is_terminal),
-    )  # fmt: skip
-    plain_logs = main_rank and progress.disable  # log lines instead of a bar (files, non-tty)
-    autocast = torch.autocast(
-        info.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-    )
-    loss_sum = torch.zeros((), device=info.device)
-    step_loss = torch.zeros((), device=info.device)
-    good_steps = torch.zeros((), device=info.device)
-    # skip mode: a non-finite forward must not leave NaN in BN running stats, so float buffers are
-    # snapshotted at each step start and put back when the step is skipped (all on the device)
-    guarded = [b for b in model.buffers() if b.is_floating_point()] if cfg.train.nonfinite == "skip" else []
-    snapshot = [b.clone() for b in guarded]
-    window = {"steps": 0, "clips": 0, "wait": 0.0, "t0": time.perf_counter()}
-    batches_per_rank: list[list[int]] = []
-    val_results: dict = {}
-    epoch = start_epoch
-    model.train()
-    with progress:
-        for epoch in range(start_epoch, cfg.train.epochs):
-            train_loader.set_epoch(epoch)
-            first = start_batch if epoch == start_epoch else 0
-            if first:
-                train_loader.load_state_dict(data_state)
-            n_batches = len(train_loader)
-            task = progress.add_task("", total=n_batches, completed=first, epoch=epoch + 1, stats="")
-            i = first
-            it = iter(train_loader)
-            while True:
-                if guarded and i % accum == 0:
-                    torch._foreach_copy_(snapshot, guarded)
-                t_wait = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
-                window["wait"] += time.perf_counter() - t_wait
-                clips = batch["clips"].to(info.device, non_blocking=True)
-                labels = batch["labels"].to(info.device, non_blocking=True)
-                if cfg.train.channels_last:
-                    clips = to_channels_last(clips, layout)
-                i += 1
-                last_micro = i % accum == 0 or i == n_batches
-                sync = nullcontext() if last_micro or info.world_size == 1 else train_model.no_sync()
-                with sync:
-                    with autocast:
-                        logits = train_model(clips)
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
-                    scaler.scale(loss / accum).backward()
-                step_loss += loss.detach()
-                window["clips"] += clips.shape[0]
-                progress.advance(task)
-                if not last_micro:
-                    continue
-
-                # optimizer step: unscale, clip, skip non-finite on the device (no host sync)
-                if fp16:
-                    scaler.unscale_(optimizer)
-                if cfg.optim.clip_grad > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                bad = ~torch.isfinite(step_loss)
-                if not fp16:  # fp16 overflow of the gradients is GradScaler's business, not an error
-                    bad |= ~torch.isfinite(grad_norm)
-                    optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # fused kernels skip on it
-                    optimizer.grad_scale = None
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                for b, s in zip(guarded, snapshot, strict=True):
-                    b.copy_(torch.where(bad, s, b))
-                if ema is not None:
-                    ema.update(model)
-                first_bad.copy_(torch.where(bad & (first_bad < 0), step + 1, first_bad))  # 1-based
-                bad_steps += bad.long()
-                micro = accum if i % accum == 0 else i % accum
-                loss_sum += torch.where(bad, 0.0, step_loss / micro)  # the logged loss is over good steps
-                good_steps += (~bad).float()
-                step_loss.zero_()
-                step += 1
-                window["steps"] += 1
-
-                if step % cfg.train.log_every == 0:
-                    check_nonfinite()
-                    mean_loss = mean_over_ranks(loss_sum / good_steps.clamp(min=1))
-                    elapsed = time.perf_counter() - window["t0"]
-                    stats = {
-                        "epoch": epoch + 1,
-                        "loss": float(mean_loss.item()),
-                        "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"],
-                        "clips_per_s": window["clips"] * info.world_size / elapsed,
-                        "data_wait": window["wait"] / elapsed,
-                    }
-                    if fp16:
-                        stats["loss_scale"] = float(scaler.get_scale())
-                    if main_rank:
-                        metrics.write("train", step, **stats)
-                        text = (
-                            f"loss {stats['loss']:.4f}  lr {stats['lr']:.3g}  {stats['clips_per_s']:.1f} "
-                            f"clips/s  data wait {100 * stats['data_wait']:.0f}%"
-                        )
-                        progress.update(task, stats=text)
-                        if plain_logs:
-                            console.print(f"step {step} (epoch {epoch + 1}, {i}/{n_batches})  {text}")
-                    loss_sum.zero_()
-                    good_steps.zero_()
-                    window.update(steps=0, clips=0, wait=0.0, t0=time.perf_counter())
-
-                if cfg.train.stop_at_step and step >= cfg.train.stop_at_step and i < n_batches:
-                    path = save(epoch, i)
-                    console.print(f"stopped at step {step} as asked (train.stop_at_step); checkpoint {path}")
-                    return finish(epoch, stopped=True)
-
-            # ------------------------------------------------------------ end of epoch
-            progress.remove_task(task)
-            counts = all_gather_objects(i - first)
-            batches_per_rank.append(counts)
-            if main_rank:
-                metrics.write("epoch", step, epoch=epoch + 1, batches_per_rank=counts)
-            check_nonfinite()
-            last_epoch = epoch + 1 == cfg.train.epochs
-            if val_loader is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last_epoch):
-                val_results = validate(epoch)
-            stop_now = bool(cfg.train.stop_at_step) and step >= cfg.train.stop_at_step
-            if last_epoch or stop_now or (epoch + 1) % cfg.train.ckpt_every == 0:
-                path = save(epoch + 1, 0)
-                if path is not None:
-                    console.print(f"checkpoint {path}")
-            if stop_now and not last_epoch:
-                console.print(f"stopped at step {step} as asked (train.stop_at_step)")
-                return finish(epoch + 1, stopped=True)
-
-    return finish(cfg.train.epochs, stopped=False)
-
-
-# --------------------------------------------------------------------------------------------------
-# Small pieces used above
-# --------------------------------------------------------------------------------------------------
+    return info
 
 
 def resolve_resume(resume: str, out_dir: Path) -> Path | None:
@@ -419,6 +240,26 @@ def resolve_resume(resume: str, out_dir: Path) -> Path | None:
     return None
 
 
+def restore(run: Run, path: Path) -> tuple[int, int, dict]:
+    """Load a checkpoint into the run; returns (epoch, batch in that epoch, loader state) to continue at."""
+    state = load_checkpoint(path, map_location=run.info.device)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:  # empty when the run it comes from did not use fp16
+        run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"] if state.get("ema") else state["model"])
+    rngs = state["rng"]
+    set_rng_state(rngs[run.info.rank] if len(rngs) == run.info.world_size else rngs[0])
+    run.step, run.last_ckpt = state["step"], path
+    run.console.print(f"resumed from {path} (epoch {state['epoch']}, step {run.step})")
+    changed = config_changes(state["config"], to_dict(run.cfg))
+    if changed:
+        run.console.print(f"[yellow]config differs from the checkpoint's: {', '.join(changed)}")
+    return state["epoch"], state["batch_in_epoch"], state["data_state"]
+
+
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two config dicts (reported when resuming)."""
     keys = []
@@ -429,6 +270,128 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return keys
+
+
+def wrap_model(model: nn.Module, compile: bool, info: DistInfo) -> nn.Module:
+    """DDP over the ranks (after the weights are loaded: DDP broadcasts rank 0's), then torch.compile."""
+    if info.world_size > 1:
+        ids = [info.local_rank] if info.device.type == "cuda" else None
+        model = DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+    return torch.compile(model) if compile else model
+
+
+def start_log(run: Run, ckpt_path: Path | None, schedule: str) -> None:
+    """Rank 0: config.yaml, the start record of metrics.jsonl, and two lines saying what runs where."""
+    cfg, model = run.cfg, run.model
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.out_dir / "config.yaml", dump_yaml(cfg))
+    run.metrics = MetricsLog(run.out_dir, resume_step=run.step if ckpt_path else None)
+    prov = provenance(run.info)
+    resumed_from = str(ckpt_path or "")
+    run.metrics.write("start", run.step, provenance=prov, config=to_dict(cfg), resumed_from=resumed_from)
+    n_all = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dirty = " (dirty)" if prov["git_dirty"] else ""
+    groups = ", ".join(g["name"] for g in run.optimizer.param_groups)
+    run.console.print(
+        f"run dir {run.out_dir.resolve()} | git {prov['git_sha'][:10]}{dirty} | torch {prov['torch']}, "
+        f"DALI {prov['dali']}, CUDA {prov['cuda']} | {run.info.world_size} x {prov['devices'][0]}"
+    )
+    run.console.print(
+        f"{cfg.model.name}: {n_trainable:,} trainable / {n_all:,} params; groups {groups}; {schedule} x "
+        f"{cfg.train.epochs} epochs, amp {cfg.train.amp}"
+    )
+
+
+def log_train(run: Run, task: int, i: int, n_batches: int) -> None:
+    """A log step: the non-finite check, the mean loss over ranks (host syncs), metrics.jsonl, console."""
+    run.stepper.guard.check(run.epoch, run.last_ckpt)
+    elapsed = time.perf_counter() - run.window.t0
+    group = run.optimizer.param_groups[0]
+    stats = {
+        "epoch": run.epoch + 1,
+        "loss": run.stepper.take_mean_loss(),
+        "lr": group["lr"] / group["lr_mult"],
+        "clips_per_s": run.window.clips * run.info.world_size / elapsed,
+        "data_wait": run.window.wait / elapsed,
+    }
+    if run.stepper.fp16:
+        stats["loss_scale"] = float(run.scaler.get_scale())
+    if run.metrics is not None:
+        run.metrics.write("train", run.step, **stats)
+        text = (
+            f"loss {stats['loss']:.4f}  lr {stats['lr']:.3g}  {stats['clips_per_s']:.1f} "
+            f"clips/s  data wait {100 * stats['data_wait']:.0f}%"
+        )
+        run.progress.update(task, stats=text)
+        if run.progress.disable:  # log lines instead of a bar (files, non-tty)
+            run.console.print(f"step {run.step} (epoch {run.epoch + 1}, {i}/{n_batches})  {text}")
+    run.window.reset()
+
+
+def save(run: Run, next_epoch: int, batch_in_epoch: int) -> Path | None:
+    """Checkpoint after `run.step` (all ranks call it: RNG states are gathered). Refuses NaN weights."""
+    run.stepper.guard.check(run.epoch, run.last_ckpt)
+    if not all_finite(run.model):
+        raise NonFiniteLossError(
+            f"weights are non-finite at step {run.step}; not saving over {run.last_ckpt or 'nothing'}"
+        )
+    rngs = all_gather_objects(rng_state())
+    if not run.info.is_main:
+        return None
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "epoch": next_epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "step": run.step,
+        "data_state": run.train_loader.state_dict(),
+        "rng": rngs,
+        "config": to_dict(run.cfg),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+    }
+    run.last_ckpt = save_checkpoint(run.out_dir / checkpoint_name(next_epoch, run.step), state)
+    prune_checkpoints(run.out_dir, run.cfg.train.keep_ckpts)
+    return run.last_ckpt
+
+
+def validate(run: Run, epoch: int) -> dict:
+    """Score the val list with the weights (and the EMA's); the same code as evaluate.py's test."""
+    cfg = run.cfg
+    results = {}
+    for tag, net in [("val", run.model)] + ([("val_ema", run.ema.module)] if run.ema is not None else []):
+        res = evaluate_model(
+            net, run.val_loader, cfg.model.num_classes, fuse=cfg.eval.fuse, amp=cfg.train.amp,
+            channels_last=cfg.train.channels_last,
+        )  # fmt: skip
+        results[tag] = {k: float(v) for k, v in res.metrics.items()}
+    run.model.train()
+    if run.metrics is not None:
+        for tag, m in results.items():
+            run.metrics.write(tag, run.step, epoch=epoch + 1, **m)
+            run.console.print(
+                f"epoch {epoch + 1} {tag}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  "
+                f"({int(m['videos'])} videos, {m['videos_per_s']:.1f}/s)"
+            )
+    return results
+
+
+def finish(run: Run, epochs_done: int, stopped: bool) -> dict:
+    """Close the metrics log; the run's summary."""
+    if run.metrics is not None:
+        run.metrics.close()
+    return {
+        "out_dir": str(run.out_dir.resolve()),
+        "step": run.step,
+        "epoch": epochs_done,
+        "checkpoint": str(run.last_ckpt or ""),
+        "val": run.val_results,
+        "batches_per_rank": run.batches_per_rank,
+        "stopped_early": stopped,
+        "skipped_steps": run.stepper.guard.reported,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import torch
 from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from config import DataConfig, EvalConfig
+from engine.config import DataConfig, EvalConfig
 
 from .graph import clip_graph
 from .listfile import read_flip_pairs, read_list

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from config import ConfigError, DataConfig, load_config, split_cli
+from engine.config import ConfigError, DataConfig, load_config, split_cli
 
 from .listfile import ListFileError, read_list
 from .loader import ClipLoader, build_loader, sampling_options

@@ -23,7 +23,7 @@ from .listfile import Entry
 from .sampling import REPLACE, SPATIAL, SamplingOptions, clip_indices, sample_rng
 
 if TYPE_CHECKING:
-    from config import DataConfig, EvalConfig
+    from engine.config import DataConfig, EvalConfig
 
 from .video_io import VideoIndex, VideoReadError, decode_frames, index_video
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from config import ModelConfig
+from engine.config import ModelConfig
 from models.csn import build_ip_csn, build_ir_csn
 from models.resnet import BasicBlock, Bottleneck, resnet
 from models.temporal.ctnet import ctnet_factory, freeze_outside_ct_blocks

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from checkpoint import save_checkpoint
-from config import ModelConfig
+from engine.checkpoint import save_checkpoint
+from engine.config import ModelConfig
 
 Rule = tuple[str, str]  # (regex, replacement) applied with re.sub, in order
 

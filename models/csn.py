@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from config import ModelConfig
+from engine.config import ModelConfig
 
 CSN_STAGES: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 DEBUG_STAGES = (1, 1, 1, 1)

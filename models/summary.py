@@ -18,7 +18,7 @@ import sys
 import torch
 from torch import nn
 
-from config import ModelConfig
+from engine.config import ModelConfig
 from models import MODELS
 
 # (name, depth) -> (params at 400 classes, params at 174 classes, GMACs per clip), from models.md.

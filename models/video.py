@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 if TYPE_CHECKING:
-    from config import ModelConfig
+    from engine.config import ModelConfig
 
 
 class VideoClassifier(nn.Module):

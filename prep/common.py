@@ -21,7 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from fileio import atomic_write_text  # noqa: F401  (re-exported for the prep tools)
+from engine.fileio import atomic_write_text  # noqa: F401  (re-exported for the prep tools)
 
 T = TypeVar("T")
 R = TypeVar("R")

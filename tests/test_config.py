@@ -1,6 +1,6 @@
 import pytest
 
-from config import Config, ConfigError, dump_yaml, from_dict, load_config, split_cli, to_dict
+from engine.config import Config, ConfigError, dump_yaml, from_dict, load_config, split_cli, to_dict
 
 
 def write(tmp_path, text):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_convert_layouts import model_cfg, official_layout, randomised
 
-from checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint
 from models import build_model
 from models.convert import ConvertError, convert_file, main
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from config import ModelConfig
+from engine.config import ModelConfig
 from models import build_model
 from models.convert import (
     ConvertError,

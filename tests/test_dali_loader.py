@@ -16,11 +16,11 @@ import torch
 from conftest import frame_content, write_clip
 from PIL import Image
 
-from config import DataConfig, EvalConfig
 from dali_pipes.loader import build_loader
 from dali_pipes.sampling import clip_indices
 from dali_pipes.source import ClipLoadError
 from dali_pipes.video_io import decode_all, decode_frames, index_video
+from engine.config import DataConfig, EvalConfig
 
 W, H = 64, 48
 RAW = dict(mean=[0.0, 0.0, 0.0], std=[1 / 255] * 3)  # normalisation off: outputs are pixel values

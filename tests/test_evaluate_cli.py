@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import evaluate
-from checkpoint import checkpoint_name, save_checkpoint
-from config import load_config, to_dict
+from engine import reports, scoring
+from engine.checkpoint import checkpoint_name, save_checkpoint
+from engine.config import load_config, to_dict
 from models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def test_two_ranks_score_every_video_once_and_match_one_process(demo_checkpoint,
            "--checkpoint", str(demo_checkpoint), "--views", "3x2", "--out", str(two)]  # fmt: skip
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    dump = evaluate.load_dump(two)
+    dump = reports.load_dump(two)
     assert dump["ids"].tolist() == [0, 1, 2] and dump["labels"].tolist() == [0, 1, 2]
     assert dump["view_logits"].shape == (3, 6, 3)  # 3 crops x 2 clips, 3 classes
     assert json.loads(str(dump["meta"]))["world_size"] == 2
@@ -71,7 +72,7 @@ def test_two_ranks_score_every_video_once_and_match_one_process(demo_checkpoint,
     assert evaluate.main(["--checkpoint", str(demo_checkpoint.parent), "--views=1x2", "--fuse", "softmax",
                           "--eval.batch_size=2", "--model.pretrained=/missing/imagenet.pth",
                           "--out", str(one)]) == 0  # fmt: skip
-    single = evaluate.load_dump(one)
+    single = reports.load_dump(one)
     # view = clip * crops + crop: the centre crop (1) of clips 0 and 1 is view 1 and view 4 of 3x2
     views = dump["view_logits"]
     assert not np.allclose(views[:, 0], views[:, 1]) and not np.allclose(views[:, 1], views[:, 4])
@@ -79,8 +80,8 @@ def test_two_ranks_score_every_video_once_and_match_one_process(demo_checkpoint,
     metrics = json.loads((tmp_path / "one.metrics.json").read_text())
     assert metrics["fuse"] == "softmax" and metrics["temporal_mode"] == "twice" and metrics["world_size"] == 1
     assert metrics["checkpoint"] == str(demo_checkpoint)
-    expected = evaluate.compute_metrics(
-        evaluate.fuse_views(single["view_logits"], "softmax"), single["labels"]
+    expected = scoring.compute_metrics(
+        scoring.fuse_views(single["view_logits"], "softmax"), single["labels"]
     )
     assert metrics["top1"] == pytest.approx(expected["top1"])
     assert metrics["mean_class"] == pytest.approx(expected["mean_class"])

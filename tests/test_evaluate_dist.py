@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_evaluate_scoring import NUM_CLASSES, FlatNet, fake_loader
 
-import evaluate
+from engine import scoring
 
 
 def _free_port() -> int:
@@ -24,7 +24,7 @@ def _worker(rank: int, world: int, port: int, cases: dict, out_dir: str) -> None
     try:
         for name, shards in cases.items():
             torch.manual_seed(0)
-            result = evaluate.evaluate_model(FlatNet(), shards[rank], NUM_CLASSES, fuse="softmax", amp="fp32")
+            result = scoring.evaluate_model(FlatNet(), shards[rank], NUM_CLASSES, fuse="softmax", amp="fp32")
             np.savez(f"{out_dir}/{name}_{rank}.npz", ids=result.ids, labels=result.labels,
                      view_logits=result.view_logits, scores=result.scores)  # fmt: skip
     finally:
@@ -41,7 +41,7 @@ def test_two_ranks_uneven_empty_and_duplicated_shards_give_the_single_process_re
     mp.spawn(_worker, args=(2, _free_port(), cases, str(tmp_path)), nprocs=2, join=True)
 
     torch.manual_seed(0)
-    single = evaluate.evaluate_model(FlatNet(), batches, NUM_CLASSES, fuse="softmax", amp="fp32")
+    single = scoring.evaluate_model(FlatNet(), batches, NUM_CLASSES, fuse="softmax", amp="fp32")
     assert single.ids.tolist() == list(range(7))
     for name in cases:
         for rank in (0, 1):

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import evaluate
-from config import ConfigError, EvalConfig
+from engine import reports, scoring
+from engine.config import ConfigError, EvalConfig
 
 NUM_CLASSES = 7
 
@@ -47,14 +48,14 @@ def test_3x2_views_fuse_to_the_mean_of_single_view_scores(fuse):
     torch.manual_seed(0)
     model = FlatNet()
     loader = fake_loader(videos=5, views=6)  # 3 crops x 2 clips, last batch short
-    result = evaluate.evaluate_model(model, loader, NUM_CLASSES, fuse=fuse, amp="fp32")
+    result = scoring.evaluate_model(model, loader, NUM_CLASSES, fuse=fuse, amp="fp32")
     assert result.view_logits.shape == (5, 6, NUM_CLASSES) and result.scores.shape == (5, NUM_CLASSES)
     assert result.ids.tolist() == [0, 1, 2, 3, 4]
 
     per_view = []
     for v in range(6):  # each view on its own, as a single-view (val-shaped) batch
         single = [{**b, "clips": b["clips"][:, v]} for b in loader]
-        per_view.append(evaluate.evaluate_model(model, single, NUM_CLASSES, fuse="logits", amp="fp32").scores)
+        per_view.append(scoring.evaluate_model(model, single, NUM_CLASSES, fuse="logits", amp="fp32").scores)
     per_view = np.stack(per_view, axis=1)
     with torch.no_grad():
         direct = torch.stack([model(torch.cat([b["clips"][:, v] for b in loader])) for v in range(6)], 1)
@@ -70,9 +71,9 @@ def test_channels_last_and_bf16_autocast_give_the_same_scores():
     torch.manual_seed(0)
     model = FlatNet()
     loader = fake_loader(videos=4, views=2)
-    plain = evaluate.evaluate_model(model, loader, NUM_CLASSES, amp="fp32", channels_last=False)
-    cl = evaluate.evaluate_model(model, loader, NUM_CLASSES, amp="fp32", channels_last=True)
-    bf16 = evaluate.evaluate_model(model, loader, NUM_CLASSES, amp="bf16", channels_last=True)
+    plain = scoring.evaluate_model(model, loader, NUM_CLASSES, amp="fp32", channels_last=False)
+    cl = scoring.evaluate_model(model, loader, NUM_CLASSES, amp="fp32", channels_last=True)
+    bf16 = scoring.evaluate_model(model, loader, NUM_CLASSES, amp="bf16", channels_last=True)
     np.testing.assert_allclose(cl.view_logits, plain.view_logits, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bf16.view_logits, plain.view_logits, rtol=0.05, atol=0.05)
     assert model.training  # evaluate_model restores the mode it found
@@ -83,15 +84,15 @@ def test_unsorted_and_duplicate_ids_are_scored_once_in_id_order():
     batches = fake_loader(videos=6, views=1, batch=3)
     batches[0]["ids"] = torch.tensor([5, 3, 4])
     batches[1]["ids"] = torch.tensor([0, 2, 3])  # id 3 again, as a padding sampler would repeat it
-    result = evaluate.evaluate_model(model, batches, NUM_CLASSES, amp="fp32")
+    result = scoring.evaluate_model(model, batches, NUM_CLASSES, amp="fp32")
     assert result.ids.tolist() == [0, 2, 3, 4, 5] and result.metrics["videos"] == 5
 
 
 def test_wrong_output_width_and_empty_loader_are_clear_errors():
     with pytest.raises(ValueError, match=r"expected \(4, 9\).*num_classes"):
-        evaluate.evaluate_model(FlatNet(), fake_loader(4, 1, batch=4), 9, amp="fp32")
+        scoring.evaluate_model(FlatNet(), fake_loader(4, 1, batch=4), 9, amp="fp32")
     with pytest.raises(ValueError, match="no videos"):
-        evaluate.evaluate_model(FlatNet(), [], NUM_CLASSES, amp="fp32")
+        scoring.evaluate_model(FlatNet(), [], NUM_CLASSES, amp="fp32")
 
 
 def test_metrics_on_hand_made_scores():
@@ -106,20 +107,20 @@ def test_metrics_on_hand_made_scores():
         ],
         dtype=np.float32,
     )
-    m = evaluate.compute_metrics(scores, labels)
+    m = scoring.compute_metrics(scores, labels)
     assert m["top1"] == pytest.approx(60.0) and m["top5"] == pytest.approx(80.0)
     assert m["mean_class"] == pytest.approx((100 + 0 + 200 / 3) / 3)  # classes 3..6 absent: not averaged
     assert m["videos"] == 5
     with pytest.raises(ValueError, match=r"label 9 is outside 0..6.*model.num_classes"):
-        evaluate.compute_metrics(scores, np.array([0, 1, 2, 2, 9]))
+        scoring.compute_metrics(scores, np.array([0, 1, 2, 2, 9]))
 
 
 def test_reports_csv_and_png(tmp_path):
     labels = np.array([0, 0, 1, 2])
     scores = np.eye(3, dtype=np.float32)[[0, 1, 1, 0]]  # predictions 0, 1, 1, 0
     names = ["jump", "run", "swim"]
-    metrics = evaluate.compute_metrics(scores, labels)
-    paths = evaluate.write_reports(tmp_path / "run.npz", labels, scores, names, metrics, "test")
+    metrics = scoring.compute_metrics(scores, labels)
+    paths = reports.write_reports(tmp_path / "run.npz", labels, scores, names, metrics, "test")
     assert [p.name for p in paths] == [
         "run.metrics.json", "run.per_class.csv", "run.confusion.csv", "run.confusion.png",
     ]  # fmt: skip
@@ -137,7 +138,7 @@ def test_reports_csv_and_png(tmp_path):
 
 
 def _dump(path, ids, labels, view_logits, names=None):
-    evaluate.save_dump(path, np.asarray(ids), np.asarray(labels), names, view_logits=view_logits)
+    reports.save_dump(path, np.asarray(ids), np.asarray(labels), names, view_logits=view_logits)
     return path
 
 
@@ -149,21 +150,21 @@ def test_fusion_of_dumps_is_the_mean_of_the_dumps(tmp_path, mode):
     order = rng.permutation(6)  # a dump's row order must not matter
     pa = _dump(tmp_path / "a.npz", ids, labels, a, ["w", "x", "y", "z"])
     pb = _dump(tmp_path / "b.npz", ids[order], labels[order], b[order])
-    fused_ids, fused_labels, fused, names = evaluate.fuse_dumps([pa, pb], mode)
-    expected = (evaluate.fuse_views(a, mode) + evaluate.fuse_views(b, mode)) / 2
+    fused_ids, fused_labels, fused, names = reports.fuse_dumps([pa, pb], mode)
+    expected = (scoring.fuse_views(a, mode) + scoring.fuse_views(b, mode)) / 2
     if mode == "softmax":
-        np.testing.assert_allclose(evaluate.fuse_views(a, mode), evaluate.softmax(a).mean(1), rtol=1e-6)
+        np.testing.assert_allclose(scoring.fuse_views(a, mode), scoring.softmax(a).mean(1), rtol=1e-6)
     assert fused_ids.tolist() == ids.tolist() and fused_labels.tolist() == labels.tolist()
     np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-6)
     assert names == ["w", "x", "y", "z"]
 
     out = tmp_path / "fused.npz"
     assert evaluate.main(["--fuse", str(pa), str(pb), "--fuse-mode", mode, "--out", str(out)]) == 0
-    saved = evaluate.load_dump(out)
+    saved = reports.load_dump(out)
     np.testing.assert_allclose(saved["scores"], expected, rtol=1e-5, atol=1e-6)
     assert (tmp_path / "fused.confusion.png").is_file() and (tmp_path / "fused.per_class.csv").is_file()
     # a fused file fuses again (with the same mode): the mean of equal inputs is the input
-    _, _, again, _ = evaluate.fuse_dumps([out, out], mode)
+    _, _, again, _ = reports.fuse_dumps([out, out], mode)
     np.testing.assert_allclose(again, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -172,11 +173,11 @@ def test_fusion_errors_name_the_file(tmp_path, capsys):
     pb = _dump(tmp_path / "b.npz", [0, 1, 3], [0, 1, 1], np.zeros((3, 1, 2), np.float32))
     pc = _dump(tmp_path / "c.npz", [0, 1, 2], [0, 0, 1], np.zeros((3, 1, 2), np.float32))
     with pytest.raises(
-        evaluate.DumpError, match=r"b.npz: video ids differ from .*a.npz \(1 missing, e.g. \[2\]"
+        reports.DumpError, match=r"b.npz: video ids differ from .*a.npz \(1 missing, e.g. \[2\]"
     ):
-        evaluate.fuse_dumps([pa, pb], "logits")
-    with pytest.raises(evaluate.DumpError, match=r"c.npz: labels differ .* for 1 videos \(ids \[1\]\)"):
-        evaluate.fuse_dumps([pa, pc], "logits")
+        reports.fuse_dumps([pa, pb], "logits")
+    with pytest.raises(reports.DumpError, match=r"c.npz: labels differ .* for 1 videos \(ids \[1\]\)"):
+        reports.fuse_dumps([pa, pc], "logits")
     (tmp_path / "bad.npz").write_text("not a zip")
     assert evaluate.main(["--fuse", str(pa), str(tmp_path / "bad.npz")]) == 2
     assert "bad.npz: not a readable .npz" in capsys.readouterr().err

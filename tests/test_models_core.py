@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import ModelConfig
+from engine.config import ModelConfig
 from models import MODELS, PretrainedMismatchError, build_model, load_pretrained
 from models.resnet import REPLACES_CONV2, BasicBlock, Bottleneck, ResNet, resnet
 from models.summary import REFERENCE, count_macs, example_input, main

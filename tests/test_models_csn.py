@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from config import ModelConfig
+from engine.config import ModelConfig
 from models import MODELS, build_model
 from models.summary import count_macs  # conv/linear MACs: out elements x in_channels/groups x kernel
 

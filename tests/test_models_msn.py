@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import ModelConfig
+from engine.config import ModelConfig
 from models import MODELS, build_model, load_pretrained
 from models.deform import DeformConv2dPack
 from models.resnet import resnet
@@ -90,7 +90,7 @@ def test_autocast_finite_and_channels_last_matches(name):
     x = snippets()
     with torch.no_grad():
         ref = model(x)
-        for t in [*model.parameters(), *model.buffers()]:  # what trainlib.model_channels_last does
+        for t in [*model.parameters(), *model.buffers()]:  # as channels_last.model_channels_last
             if t.dim() in (4, 5):
                 t.data = t.data.contiguous(
                     memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d

@@ -1,4 +1,5 @@
-"""trainlib and checkpoint: parameter groups, LR schedules, channels-last, EMA, checkpoint files."""
+"""engine.optim, engine.channels_last and engine.checkpoint: parameter groups, LR schedules,
+channels-last, EMA, checkpoint files."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from checkpoint import (
+from engine.channels_last import model_channels_last
+from engine.checkpoint import (
     CheckpointError,
     checkpoint_name,
     latest_checkpoint,
@@ -20,9 +22,9 @@ from checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from config import load_config
+from engine.config import load_config
+from engine.optim import ModelEMA, build_optimizer, lr_factor, param_groups, scaled_lr
 from models import build_model
-from trainlib import ModelEMA, build_optimizer, lr_factor, model_channels_last, param_groups, scaled_lr
 
 
 def _model(name: str = "tsm", *extra: str) -> nn.Module:

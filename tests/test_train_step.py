@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import train
-from checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from config import Config, load_config
+from engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from engine.config import Config, load_config
 from models import MODELS, build_model
 
 

@@ -38,7 +38,7 @@ import functools
 import torch
 from torch import nn
 
-from config import ModelConfig
+from engine.config import ModelConfig
 from models.deform import DeformConv2dPack
 from models.resnet import AFTER_CONV1, BlockSite
 from models.temporal.tdn import (

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import ModelConfig
+from engine.config import ModelConfig
 from models.resnet import (
     AFTER_CONV1,
     DEBUG_BASE_WIDTH,

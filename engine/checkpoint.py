@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fileio import atomic_write
+from engine.fileio import atomic_write
 
 CKPT_PATTERN = re.compile(r"^ckpt_e(\d+)_s(\d+)\.pt$")
 

@@ -1,0 +1,192 @@
+"""What a test run leaves on disk, and fusion of what earlier runs left: score dumps (.npz), their
+reports (metrics JSON, per-class and confusion CSVs, confusion PNG), the console table, and
+`fuse_dumps` (several models, or one model under several view settings). Every file is written
+atomically: a temp file next to the target, then os.replace."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from engine.fileio import atomic_write
+from engine.scoring import FUSE_MODES, confusion_matrix, fuse_views
+
+
+class DumpError(ValueError):
+    """A score dump that cannot be used (missing keys, disagreeing ids/labels); names the file."""
+
+
+def save_dump(
+    path: Path, ids: np.ndarray, labels: np.ndarray, class_names: list[str] | None, **arrays
+) -> None:
+    """A .npz of ids, labels, class_names (when known) and `arrays` (view_logits, or scores for a fusion).
+
+    Strings are stored as fixed-width unicode arrays, so np.load needs no pickle.
+    """
+    content = {"ids": ids.astype(np.int64), "labels": labels.astype(np.int64), **arrays}
+    if class_names is not None:
+        content["class_names"] = np.array(class_names, dtype=str)
+    atomic_write(Path(path), lambda f: np.savez(f, **content))
+
+
+def load_dump(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise DumpError(f"{path}: score dump not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            dump = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise DumpError(f"{path}: not a readable .npz score dump ({e})") from None
+    missing = {"ids", "labels"} - dump.keys()
+    if missing or not ({"view_logits", "scores"} & dump.keys()):
+        raise DumpError(
+            f"{path}: not a score dump from evaluate.py (has {sorted(dump)}, needs ids, labels and "
+            "view_logits or scores)"
+        )
+    rows = {k: len(dump[k]) for k in ("ids", "labels", "view_logits", "scores") if k in dump}
+    if len(set(rows.values())) != 1:
+        raise DumpError(f"{path}: arrays of different lengths {rows}")
+    return dump
+
+
+def per_class_rows(cm: np.ndarray, names: list[str]) -> list[list]:
+    """class, name, videos, correct, accuracy % (empty for a class without videos)."""
+    rows = []
+    for c, name in enumerate(names):
+        count, correct = int(cm[c].sum()), int(cm[c, c])
+        rows.append([c, name, count, correct, f"{100 * correct / count:.2f}" if count else ""])
+    return rows
+
+
+def write_reports(
+    out: Path,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    class_names: list[str] | None,
+    metrics: dict,
+    title: str,
+) -> list[Path]:
+    """Next to the dump <out>.npz: <out>.metrics.json, .per_class.csv, .confusion.csv and .confusion.png."""
+    stem = Path(out).with_suffix("")
+    num_classes = scores.shape[1]
+    names = class_names or [str(c) for c in range(num_classes)]
+    cm = confusion_matrix(labels, scores.argmax(axis=1), num_classes)
+    paths = [
+        Path(f"{stem}.{suffix}")
+        for suffix in ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png")
+    ]
+
+    atomic_write(paths[0], lambda f: f.write(json.dumps(metrics, indent=2) + "\n"), binary=False)
+
+    def per_class(f):
+        w = csv.writer(f)
+        w.writerow(["class", "name", "videos", "correct", "accuracy"])
+        w.writerows(per_class_rows(cm, names))
+
+    def confusion(f):
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *names])
+        w.writerows([name, *row.tolist()] for name, row in zip(names, cm, strict=True))
+
+    atomic_write(paths[1], per_class, binary=False)
+    atomic_write(paths[2], confusion, binary=False)
+    atomic_write(paths[3], lambda f: plot_confusion(cm, names, title, f))
+    return paths
+
+
+def plot_confusion(cm: np.ndarray, names: list[str], title: str, f: io.IOBase) -> None:
+    """Row-normalised confusion matrix as PNG. A bare Figure renders with Agg and touches no pyplot state."""
+    from matplotlib.figure import Figure
+
+    num_classes = len(names)
+    counts = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, counts, out=np.zeros(cm.shape, dtype=float), where=counts > 0)
+    side = min(4 + 0.3 * num_classes, 30)
+    fig = Figure(figsize=(side + 1.5, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if num_classes <= 50:  # beyond that the names are unreadable; the CSV has them
+        ax.set_xticks(range(num_classes), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(num_classes), names, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f, format="png", dpi=100)
+
+
+def print_table(rows: list[tuple[str, str]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name, _ in rows:
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_row(*(value for _, value in rows))
+    Console().print(table)
+
+
+def metric_rows(metrics: dict) -> list[tuple[str, str]]:
+    rows = [("videos", str(metrics["videos"]))]
+    rows += [(name, f"{metrics[key]:.2f}") for key, name in (("top1", "top-1 %"), ("top5", "top-5 %"))]
+    rows.append(("mean class %", f"{metrics['mean_class']:.2f}"))
+    if "videos_per_s" in metrics:
+        rows.append(("videos/s", f"{metrics['videos_per_s']:.1f}"))
+    return rows
+
+
+def fuse_dumps(
+    paths: list[str | Path], mode: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str] | None]:
+    """Mean over the dumps of each dump's view-fused scores, every dump weighted equally.
+
+    Like the seeds' score-fusion scripts: each input's views are fused first (mean logits or mean softmax),
+    then the inputs are averaged. Ids and labels must agree (a dump is sorted by id when read), and the
+    error names the file that differs. A fused file (scores, no view_logits) can be an input if it was
+    fused with the same mode.
+    """
+    if mode not in FUSE_MODES:
+        raise ValueError(f"--fuse-mode must be one of {', '.join(FUSE_MODES)}, got {mode!r}")
+    total, ref_ids, ref_labels, ref_path, class_names = None, None, None, None, None
+    for path in paths:
+        dump = load_dump(path)
+        order = np.argsort(dump["ids"], kind="stable")
+        ids, labels = dump["ids"][order], dump["labels"][order]
+        if "view_logits" in dump:
+            scores = fuse_views(dump["view_logits"][order], mode)
+        else:
+            stored = str(dump.get("fuse_mode", "unknown"))
+            if stored != mode:
+                raise DumpError(f"{path}: holds scores fused as {stored}, cannot fuse them as {mode}")
+            scores = dump["scores"][order].astype(np.float32)
+        if total is None:
+            total, ref_ids, ref_labels, ref_path = scores.astype(np.float64), ids, labels, path
+            class_names = dump["class_names"].tolist() if "class_names" in dump else None
+            continue
+        if len(ids) != len(ref_ids) or (ids != ref_ids).any():
+            missing = np.setdiff1d(ref_ids, ids)
+            extra = np.setdiff1d(ids, ref_ids)
+            raise DumpError(
+                f"{path}: video ids differ from {ref_path} ({len(missing)} missing, e.g. "
+                f"{missing[:3].tolist()}; {len(extra)} extra, e.g. {extra[:3].tolist()}); "
+                "were both made from the same list?"
+            )
+        if (labels != ref_labels).any():
+            bad = ids[labels != ref_labels]
+            raise DumpError(
+                f"{path}: labels differ from {ref_path} for {len(bad)} videos (ids {bad[:5].tolist()})"
+            )
+        if scores.shape[1] != total.shape[1]:
+            raise DumpError(f"{path}: {scores.shape[1]} classes, {ref_path} has {total.shape[1]}")
+        total += scores
+    if total is None:
+        raise DumpError("--fuse needs at least one dump")
+    return ref_ids, ref_labels, (total / len(paths)).astype(np.float32), class_names
+
+
