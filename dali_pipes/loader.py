@@ -41,6 +41,7 @@ def sampling_options(data: DataConfig, views: EvalConfig | None) -> SamplingOpti
         num_segments=data.num_segments,
         snippet_len=data.snippet_len,
         dense_window=data.dense_window,
+        dense_span=data.dense_span,
         clip_len=data.clip_len,
         frame_interval=data.frame_interval,
         val_sampling=data.val_sampling,

@@ -64,9 +64,13 @@ class DataConfig:
     num_segments: int = 8  # T: frames (or snippets) per clip
     snippet_len: int = 1  # consecutive frames per segment (5 for MSN/TDN)
     dense_window: int = 64  # dense sampling window; stride = dense_window // num_segments
+    # dense start range: window (pos = 1 + F - dense_window: TSM, CT-Net, MMAction2) | strides
+    # (pos = 1 + F - (dense_window // T) * T: TAM); they differ only when T does not divide the window
+    dense_span: str = "window"
     clip_len: int = 32  # clip3d: frames per clip
     frame_interval: int = 2  # clip3d: step between frames
-    val_sampling: str = "centre"  # dense val start: centre (deterministic) | random (as TSM)
+    # dense val start: centre (pos // 2, TAM) | ctnet ((pos - 1) // 2, CT-Net) | random (as train: TSM)
+    val_sampling: str = "centre"
     input_size: int = 224  # side of the square crop fed to the model
     scale_size: int = 256  # val/test: resize the short side to this before cropping
     train_crop: str = "multiscale"  # multiscale (TSN 13 positions) | random_resized (CSN)
@@ -151,7 +155,8 @@ class EvalConfig:
     spatial_crops: int = 1  # 1 (centre) | 3 (left/centre/right along the long side)
     temporal_clips: int = 1  # N clips per video
     # auto (by data.sampling: uniform -> centres/twice/uniform for 1/2/N clips, dense -> dense,
-    # clip3d -> clip3d) | centres | twice | uniform | dense | clip3d; names as in sampling.md
+    # clip3d -> clip3d) | centres | twice | uniform | uniform_random (N training draws from the seed:
+    # MSN/TDN Kinetics) | dense | clip3d; names as in docs/DATA.md
     temporal_mode: str = "auto"
     full_res: bool = False  # crop at scale_size (256) instead of input_size
     fuse: str = "logits"  # average views as logits (TSM family) or softmax (MMAction2, MSN)
@@ -306,7 +311,8 @@ _CHOICES = {
     "data.device": ("gpu", "cpu"),
     "data.cpu_decoder": ("pyav", "dali"),
     "data.sampling": ("uniform", "dense", "clip3d"),
-    "data.val_sampling": ("centre", "random"),
+    "data.dense_span": ("window", "strides"),
+    "data.val_sampling": ("centre", "ctnet", "random"),
     "data.train_crop": ("multiscale", "random_resized"),
     "data.flip": ("off", "on", "pairs"),
     "data.dtype": ("float32", "float16", "bfloat16"),
@@ -318,7 +324,7 @@ _CHOICES = {
     "train.amp": ("bf16", "fp16", "fp32"),
     "train.nonfinite": ("stop", "skip"),
     "eval.spatial_crops": (1, 3),
-    "eval.temporal_mode": ("auto", "centres", "twice", "uniform", "dense", "clip3d"),
+    "eval.temporal_mode": ("auto", "centres", "twice", "uniform", "uniform_random", "dense", "clip3d"),
     "eval.fuse": ("logits", "softmax"),
 }
 

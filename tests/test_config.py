@@ -78,3 +78,25 @@ def test_readme_config_reference_lists_every_key():
         for f in dataclasses.fields(getattr(cfg, section.name)):
             key = f"{section.name}.{f.name}"
             assert f"`{key}`" in readme, f"README.md lacks a row for {key}"
+
+
+def test_readme_config_reference_names_every_choice():
+    """Each choice of a choice-valued key is named in that key's README row (and in DATA.md for sampling)."""
+    from pathlib import Path
+
+    from config import _CHOICES
+
+    root = Path(__file__).resolve().parents[1]
+    rows = {
+        line.split("|")[1].strip().strip("`"): line
+        for line in (root / "README.md").read_text().splitlines()
+        if line.startswith("| `")
+    }
+    for key, allowed in _CHOICES.items():
+        assert key in rows, f"README.md lacks a row for {key}"
+        for choice in allowed:
+            assert str(choice) in rows[key], f"README.md's row for {key} does not name '{choice}'"
+    data_md = (root / "docs" / "DATA.md").read_text()
+    for key in ("data.sampling", "data.val_sampling", "data.dense_span", "eval.temporal_mode"):
+        for choice in _CHOICES[key]:
+            assert f"`{choice}`" in data_md, f"docs/DATA.md does not explain {key}: {choice}"

@@ -155,6 +155,23 @@ def test_test_views_order(dataset):
         assert np.abs(img - ref[want[clip, 3], :, x0 : x0 + 48]).max() < 1.0
 
 
+def test_uniform_random_views_are_seeded_training_draws(dataset):
+    """eval.temporal_mode uniform_random (MSN Kinetics test): every clip is a uniform draw from data.seed."""
+    views = EvalConfig(temporal_clips=3, temporal_mode="uniform_random", batch_size=1)
+    data = cfg(dataset, input_size=48, scale_size=48, num_segments=4, snippet_len=5, seed=5, **RAW)
+    loader = build_loader(data, "test", views=views)
+    batch = next(iter(loader))
+    loader.close()
+    ref = entry_frames(dataset, 0).astype(np.float32)
+    want = clip_indices(len(ref), "test", loader.sampling, seed=5, sample_id=0)
+    assert want.shape == (3, 20) and len({tuple(c) for c in want.tolist()}) == 3
+    clips = batch["clips"][0].numpy()  # (3 clips, 4 x 5 frames, C, H, W)
+    for v in range(3):
+        for t in (0, 7, 19):
+            img = clips[v, t].transpose(1, 2, 0)
+            assert np.abs(img - ref[want[v, t], :, 8:56]).max() < 1.0
+
+
 def test_flip_and_label_swap(dataset):
     on = build_loader(cfg(dataset, flip="pairs", flip_pairs=str(dataset / "pairs.txt"), seed=3), "train")
     off = build_loader(cfg(dataset, flip="off", seed=3), "train")
