@@ -84,7 +84,7 @@ def test_readme_config_reference_names_every_choice():
     """Each choice of a choice-valued key is named in that key's README row (and in DATA.md for sampling)."""
     from pathlib import Path
 
-    from config import _CHOICES
+    from engine.config import _CHOICES
 
     root = Path(__file__).resolve().parents[1]
     rows = {
