@@ -143,6 +143,11 @@ def _listing(title: str, keys: list[str], limit: int = 25) -> str:
     return f"\n  {title} ({len(keys)}): {shown}"
 
 
+def _modules(keys: list[str], prefixes: list[str]) -> list[str]:
+    """The modules (shortest matching prefix, without the dot) that `keys` belong to, sorted."""
+    return sorted({min((p for p in prefixes if k.startswith(p)), key=len).rstrip(".") for k in keys})
+
+
 def load_pretrained(model: nn.Module, path: str | Path) -> PretrainedReport:
     """Load weights strictly, into the whole model or (ImageNet trunks) into `model.backbone`.
 
@@ -150,8 +155,10 @@ def load_pretrained(model: nn.Module, path: str | Path) -> PretrainedReport:
     `layer1.0...`) is an ImageNet checkpoint: it goes into `model.backbone` and its 1000-way `fc` is
     skipped. Anything else (a models.convert output, a training checkpoint) must fit the whole model.
     Only keys of new modules (temporal slots, `pretrained_new` classes, the fc) may be missing and only keys
-    the model drops on purpose (`pretrained_ignore`) may be extra; both are logged. Any other
-    difference raises `PretrainedMismatchError` listing the keys, and nothing is loaded.
+    the model drops on purpose (`pretrained_ignore`) may be extra; both are logged, and modules that a
+    whole-model checkpoint leaves at their init are a WARNING naming them (except the fc when fine-tuning
+    to another class count). Any other difference raises `PretrainedMismatchError` listing the keys,
+    and nothing is loaded.
     """
     state = read_state_dict(path)
     backbone = getattr(model, "backbone", None)
@@ -168,9 +175,11 @@ def load_pretrained(model: nn.Module, path: str | Path) -> PretrainedReport:
         if hasattr(backbone, "imagenet_state"):
             state = backbone.imagenet_state(state)
     own = target.state_dict()
-    if not imagenet:  # fine-tuning on another label set (TSM's --tune_from): the head starts anew
+    new_head = False  # fine-tuning on another label set (TSM's --tune_from): the head starts anew
+    if not imagenet:
         head = [k for k in state if k.startswith("fc.") and k in own and state[k].shape != own[k].shape]
         if head:
+            new_head = True
             log.info(
                 "%s: fc has %d classes in the checkpoint, %d in the model: the fc keeps its init",
                 path, state[head[0]].shape[0], own[head[0]].shape[0],
@@ -204,13 +213,23 @@ def load_pretrained(model: nn.Module, path: str | Path) -> PretrainedReport:
     target.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     report = PretrainedReport(target_name, sum(k in own for k in state), new, ignored)
     log.info("loaded %d tensors from %s into %s", report.loaded, path, target_name)
-    if new:
-        modules = sorted({min((p for p in new_prefixes if k.startswith(p)), key=len) for k in new})
-        log.info(
-            "%d tensors of new modules keep their init:%s",
-            len(new),
-            _listing("modules", [m.rstrip(".") for m in modules], 40),
-        )
+    if imagenet:  # an ImageNet trunk has no temporal modules: keeping their init is the point
+        if new:
+            log.info(
+                "%d tensors of new modules keep their init:%s",
+                len(new),
+                _listing("modules", _modules(new, new_prefixes), 40),
+            )
+    else:
+        # A whole-model checkpoint that lacks a module's tensors is most likely of another model (a TSN
+        # file loaded into TAM) or an incomplete file: the run would train those modules from scratch.
+        absent = _modules([k for k in new if not (new_head and k.startswith("fc."))], new_prefixes)
+        if absent:
+            log.warning(
+                "%s: the whole-model checkpoint has no tensors for %d module(s), which keep their init "
+                "(a checkpoint of another model?):%s",
+                path, len(absent), _listing("modules", absent, 40),
+            )  # fmt: skip
     if ignored:
         log.info("checkpoint tensors dropped by design:%s", _listing("keys", ignored, 10))
     return report

@@ -7,7 +7,6 @@ import argparse
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -133,29 +132,6 @@ def test_untrusted_objects_need_trust(tmp_path: Path, tsm_official, tsm_state) -
         convert_file(src, tmp_path / "out.pt", "tsm", "tsm", debug=True)
     state = convert_file(src, tmp_path / "out.pt", "tsm", "tsm", debug=True, trust=True)
     assert_equal_to(state, tsm_state)
-
-
-def test_trust_without_the_writers_packages(tmp_path: Path, monkeypatch, tsm_state) -> None:
-    """MMAction2 1.x files pickle mmengine objects ('message_hub'); --trust reads the tensors without
-    mmengine installed (unknown classes become inert stand-ins)."""
-    package = types.ModuleType("fake_mmengine_hub")
-
-    class HistoryBuffer:
-        def __init__(self) -> None:
-            self.log = [0.5, 0.25]
-
-    HistoryBuffer.__module__, HistoryBuffer.__qualname__ = package.__name__, "HistoryBuffer"
-    package.HistoryBuffer = HistoryBuffer
-    monkeypatch.setitem(sys.modules, package.__name__, package)
-    sd = official_layout("mmaction", "tsm", tsm_state)
-    src = tmp_path / "tsm_mmaction2.pth"
-    torch.save({"meta": {"epoch": 50}, "state_dict": sd, "message_hub": {"loss": HistoryBuffer()}}, src)
-    monkeypatch.delitem(sys.modules, package.__name__)  # as on a machine without the writer's packages
-    with pytest.raises(ConvertError, match="fake_mmengine_hub.HistoryBuffer"):
-        convert_file(src, tmp_path / "out.pt", "mmaction", "tsm", debug=True)
-    assert_equal_to(
-        convert_file(src, tmp_path / "out.pt", "mmaction", "tsm", debug=True, trust=True), tsm_state
-    )
 
 
 def test_cli_success_and_user_errors(tmp_path: Path, tsm_official, capsys) -> None:

@@ -306,6 +306,43 @@ def test_whole_model_checkpoints_round_trip_in_every_wrapper(tmp_path) -> None:
     assert load_pretrained(debug_model("tam"), tmp_path / "ddp.pth").target == "model"
 
 
+def test_whole_model_checkpoint_leaving_modules_at_init_is_a_warning(tmp_path, caplog) -> None:
+    """A whole model loads strictly except for new modules; when their tensors are absent it is most
+    likely a checkpoint of another model (TSN into TAM) or a headless one: a WARNING names the modules."""
+    tam = debug_model("tam").state_dict()
+    files = {
+        "tsn.pth": debug_model("tsn", num_classes=7).state_dict(),  # no TAMs, another head
+        "tam.pth": tam,
+        "tam_headless.pth": {k: v for k, v in tam.items() if not k.startswith("fc.")},
+    }
+    for name, state in files.items():
+        torch.save({"model": state}, tmp_path / name)
+    imagenet_checkpoint(tmp_path / "imagenet.pth")
+    tams = [n for n, _ in debug_model("tam").named_modules() if n.endswith(".temporal")]
+    assert len(tams) == 8  # every bottleneck of the debug ResNet-50
+
+    def warnings(file: str, num_classes: int = 5) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="models"):
+            load_pretrained(debug_model("tam", num_classes=num_classes), tmp_path / file)
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    (tsn_into_tam,) = warnings("tsn.pth", num_classes=7)
+    assert "tsn.pth: the whole-model checkpoint has no tensors for 8 module(s)" in tsn_into_tam
+    assert tsn_into_tam.endswith(f"modules (8): {', '.join(tams)}")
+    (headless,) = warnings("tam_headless.pth")
+    assert headless.endswith("modules (1): fc")
+    # fine-tuning to another class count keeps a fresh fc on purpose: said at INFO, no WARNING about it
+    (tsn_tuned,) = warnings("tsn.pth", num_classes=5)
+    assert tsn_tuned.endswith(f"modules (8): {', '.join(tams)}")
+    assert "fc has 7 classes in the checkpoint, 5 in the model" in caplog.text
+    assert warnings("tam.pth", num_classes=3) == []
+    assert "fc has 5 classes in the checkpoint, 3 in the model" in caplog.text
+    assert warnings("tam.pth") == []  # complete
+    # an ImageNet trunk never has temporal modules or our fc: INFO only
+    assert warnings("imagenet.pth") == [] and "tensors of new modules keep their init" in caplog.text
+
+
 def test_mismatched_checkpoints_name_the_keys_and_load_nothing(tmp_path) -> None:
     state = imagenet_checkpoint(tmp_path / "ok.pth", with_fc=False)
     broken = dict(state)
