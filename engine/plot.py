@@ -58,6 +58,7 @@ def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
 def plot_curves(runs: dict[str, list[dict]], f: io.IOBase, title: str = "") -> None:
     """Loss, lr, clips/s and data wait over steps; val (and EMA val, dashed) top-1/top-5 over epochs."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(13, 10.5))
     axes = fig.subplots(3, 2, gridspec_kw={"left": 0.07, "right": 0.98, "bottom": 0.05, "top": 0.93,
@@ -83,11 +84,15 @@ def plot_curves(runs: dict[str, list[dict]], f: io.IOBase, title: str = "") -> N
         ax.set_title(panel_title)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("epoch" if key in ("top1", "top5") else "optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no fractional epochs or steps
         ax.grid(alpha=0.3)
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         if ax.lines:
             ax.legend(fontsize=8)
+            if key in ("top1", "top5"):  # whole epochs from 1, even for a single validation
+                last = max(max(line.get_xdata()) for line in ax.lines)
+                ax.set_xlim(0.5, last + 0.5)
         else:
             ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes, color="grey")
     if title:
