@@ -157,3 +157,35 @@ def test_helpers(tmp_path):
     assert probs.sum() == pytest.approx(1.0)
     assert [c for c, _, _ in top_k(probs, None, 5)] == [0, 2, 1]
     assert top_k(probs, ["a", "b", "c"], 1)[0][1] == "a"
+
+
+def test_a_video_the_decoder_fails_on_is_skipped(setup, tmp_path, monkeypatch, capsys):
+    """A file that probes well but fails in the test pipeline (data.skip_bad drops it; the forked DALI
+    worker inherits the patched decoder)."""
+    import dali_pipes.source as source
+    from dali_pipes.video_io import VideoReadError
+
+    real = source.decode_frames
+
+    def failing(path, indices, index=None):
+        if "grow" in str(path):
+            raise VideoReadError(f"{path}: simulated decoder failure")
+        return real(path, indices, index)
+
+    monkeypatch.setattr(source, "decode_frames", failing)
+    out = tmp_path / "preds.json"
+    assert predict.main([str(setup["ckpt"]), str(setup["folder"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 of 4 video(s) scored, 2 skipped" in printed
+    doc = json.loads(out.read_text())
+    assert sorted(Path(v["video"]).name for v in doc["videos"]) == ["move_left.webm", "move_right.webm"]
+    failed = {Path(f["video"]).name: f["error"] for f in doc["failed"]}
+    assert "undecodable" in failed["broken.webm"] and "test pipeline" in failed["grow.webm"]
+
+    def always(path, indices, index=None):
+        raise VideoReadError(f"{path}: simulated decoder failure")
+
+    monkeypatch.setattr(source, "decode_frames", always)
+    assert predict.main([str(setup["ckpt"]), str(setup["folder"])]) == 2
+    printed = capsys.readouterr().out
+    assert "0 of 4 video(s) scored" in printed and "scoring failed" in printed
