@@ -179,7 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m predict",
         description="Top-k labels with probabilities for videos (a file, a folder or a list file).",
         epilog="Dotted overrides such as --data.device=cpu or --eval.fuse=softmax apply after the config.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "checkpoint", help="train.py checkpoint, a run folder (its newest), or a models.convert output"
@@ -191,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="YAML config (required for a models.convert output; default: the stored one)"
     )
     p.add_argument("--views", help="CROPSxCLIPS, e.g. 1x1, 3x10 (default: the config's eval section)")
-    p.add_argument("--topk", type=int, default=5, help="labels shown and written per video")
+    p.add_argument("--topk", type=int, default=5, help="labels shown and written per video (default: 5)")
     p.add_argument("--out", help="predictions file, .csv (a row per video and rank) or .json")
     p.add_argument(
         "--classes", default="", help="class names, line i = class i (default: the data's classes.txt)"
@@ -201,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), help="autocast dtype (default: train.amp)")
     p.add_argument(
-        "--weights", default="model", choices=("model", "ema"), help="which weights of the checkpoint"
+        "--weights",
+        default="model",
+        choices=("model", "ema"),
+        help="which weights of the checkpoint (default: model)",
     )
     return p
 
