@@ -189,3 +189,29 @@ def test_a_video_the_decoder_fails_on_is_skipped(setup, tmp_path, monkeypatch, c
     assert predict.main([str(setup["ckpt"]), str(setup["folder"])]) == 2
     printed = capsys.readouterr().out
     assert "0 of 4 video(s) scored" in printed and "scoring failed" in printed
+
+
+@pytest.mark.gpu
+def test_gpu_route_predicts_as_the_cpu_route(setup, tmp_path):
+    """data.device gpu (NVDEC, model on CUDA) gives the CPU route's top-1 and close probabilities."""
+    results = {}
+    for device in ("cpu", "gpu"):
+        out = tmp_path / f"{device}.json"
+        argv = [
+            str(setup["ckpt"]),
+            str(setup["folder"]),
+            "--topk",
+            "3",
+            "--out",
+            str(out),
+            f"--data.device={device}",
+        ]
+        assert predict.main(argv) == 0
+        doc = json.loads(out.read_text())
+        assert doc["device"] == ("cuda" if device == "gpu" else "cpu")
+        results[device] = {Path(v["video"]).name: v["topk"] for v in doc["videos"]}
+    assert sorted(results["gpu"]) == sorted(results["cpu"]) == [f"{c}.webm" for c in sorted(CLASSES)]
+    for name, cpu_topk in results["cpu"].items():
+        gpu = {t["class_id"]: t["probability"] for t in results["gpu"][name]}
+        cpu = {t["class_id"]: t["probability"] for t in cpu_topk}
+        np.testing.assert_allclose([gpu[c] for c in range(3)], [cpu[c] for c in range(3)], atol=0.02)
