@@ -56,8 +56,13 @@ $(DEMO)/.ready: | setup
 
 demo-data: $(DEMO)/.ready
 
+# Ends with the inference command on the first validation clip, with the TSM just trained.
 demo: demo-data
-	$(PY) -m demo
+	@set -e; out=$(RUNS)/demo/$$(date +%Y%m%d-%H%M%S); \
+	$(PY) -m demo --out $$out; \
+	clip=$(DEMO)/$$(awk 'NF && $$1 !~ /^#/ {print $$1; exit}' $(DEMO)/val.txt); \
+	echo; echo "python -m predict $$out/tsm $$clip"; \
+	$(PY) -m predict $$out/tsm $$clip
 
 test: setup
 	$(PY) -m ruff check .

@@ -45,6 +45,7 @@ from engine.distributed import DistInfo, all_gather_objects, init_distributed
 from engine.fileio import atomic_write_text
 from engine.metrics_log import LogWindow, MetricsLog, provenance
 from engine.optim import ModelEMA, build_optimizer, build_scheduler, scaled_lr
+from engine.plot import save_run_curves
 from engine.scoring import evaluate_model
 from engine.step import NonFiniteLossError, TrainStep, all_finite
 
@@ -379,9 +380,10 @@ def validate(run: Run, epoch: int) -> dict:
 
 
 def finish(run: Run, epochs_done: int, stopped: bool) -> dict:
-    """Close the metrics log; the run's summary."""
+    """Close the metrics log, draw RUN_DIR/curves.png (a failure only warns); the run's summary."""
     if run.metrics is not None:
         run.metrics.close()
+        save_run_curves(run.out_dir)
     return {
         "out_dir": str(run.out_dir.resolve()),
         "step": run.step,

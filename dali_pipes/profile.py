@@ -257,6 +257,19 @@ def render(results: list[Result], title: str, console: Console) -> None:
     console.print(table)
 
 
+def save_plot(results: list[Result], title: str, path: str) -> None:
+    """The result table as a bar chart of clips/s per route (a failed route is a labelled gap)."""
+    from engine.fileio import atomic_write
+    from engine.plot import plot_throughput
+
+    names = [r.name for r in results]
+    rates = [0.0 if r.error else r.clips_per_s for r in results]
+    cores = [0.0 if r.error else r.cores for r in results]
+    errors = [r.error for r in results]
+    atomic_write(path, lambda f: plot_throughput(names, rates, cores, title, f, errors))
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = split_cli(argv)
@@ -268,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", action="append", choices=["pyav", "decord", "torchcodec"], default=[],
                         help="standalone CPU loader(s) to compare with (repeatable)")  # fmt: skip
     parser.add_argument("--decoders", default="", help="cpu routes: pyav,dali (default: data.cpu_decoder)")
+    parser.add_argument("--plot", metavar="PATH", help="also save the table as a bar chart (PNG)")
     args = parser.parse_args(rest)
     try:
         cfg = load_config(args.config, overrides)
@@ -294,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [profile(data, decoders, args.baseline, args.batches, args.warmup) for _ in range(args.repeats)]
     results = [median_result(list(same)) for same in zip(*runs, strict=True)]
     render(results, title, console)
+    if args.plot:
+        save_plot(results, title, args.plot)
     failed = [r for r in results if r.error and not r.error.startswith("skipped")]
     return 1 if failed else 0
 

@@ -130,3 +130,26 @@ def _to_lists(x: Any) -> Any:
 
 def _to_tuples(x: Any) -> Any:
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def load_model_weights(
+    model: torch.nn.Module, ckpt: dict, ckpt_path: str | Path, weights: str = "model"
+) -> None:
+    """Strict load of a checkpoint's "model" (or "ema") weights into `model`; a mismatch is a
+    CheckpointError naming the file and the first keys on either side, never a partly loaded network."""
+    state = ckpt.get(weights)
+    if state is None:
+        raise CheckpointError(f"{ckpt_path}: has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: the first lines say which tensors
+        first = "; ".join(str(e).splitlines()[1:4])
+        raise CheckpointError(f"{ckpt_path}: weights do not fit the configured model: {first}") from None
+    missing, unexpected = result.missing_keys, result.unexpected_keys
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt_path}: weights do not fit the configured model (model.name/depth/num_classes?): "
+            f"{len(missing)} missing {missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}"
+        )

@@ -99,25 +99,53 @@ def write_reports(
     return paths
 
 
+ANNOTATE_UP_TO = 30  # classes: beyond this, counts in the cells and full names no longer fit
+
+
+def short_name(name: str, width: int = 28) -> str:
+    """A class name cut to `width` characters (Something-Something's are whole sentences)."""
+    return name if len(name) <= width else name[: width - 1] + "\u2026"
+
+
 def plot_confusion(cm: np.ndarray, names: list[str], title: str, f: io.IOBase) -> None:
-    """Row-normalised confusion matrix as PNG. A bare Figure renders with Agg and touches no pyplot state."""
+    """Row-normalised confusion matrix as PNG. A bare Figure renders with Agg and touches no pyplot state.
+
+    Up to ANNOTATE_UP_TO classes every cell shows its count and the ticks the (shortened) names; up to 60
+    the names alone; beyond (Sth-Sth's 174, Kinetics' 400) ticks show class indices every few classes and
+    the names are in the .confusion.csv beside the PNG.
+    """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     num_classes = len(names)
     counts = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, counts, out=np.zeros(cm.shape, dtype=float), where=counts > 0)
-    side = min(4 + 0.3 * num_classes, 30)
-    fig = Figure(figsize=(side + 1.5, side))
+    named = num_classes <= 60
+    label_room = 0.075 * (max((len(short_name(n)) for n in names), default=1) + 5) if named else 0.4
+    cells = 0.42 * num_classes if named else 12.0  # inches for the matrix itself
+    side = max(cells, 3.0) + label_room + 1.2
+    fig = Figure(figsize=(side + 1.3, side), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="fraction of the true class")
     ax.set_title(title)
-    if num_classes <= 50:  # beyond that the names are unreadable; the CSV has them
-        ax.set_xticks(range(num_classes), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(num_classes), names, fontsize=7)
-    fig.tight_layout()
+    if named:
+        short = [f"{short_name(n)} ({c})" if n != str(c) else n for c, n in enumerate(names)]
+        ax.set_xticks(range(num_classes), short, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.set_yticks(range(num_classes), short, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    else:
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(nbins=20, integer=True))
+        ax.set_xlabel("predicted class (index; names in the .confusion.csv)")
+        ax.set_ylabel("true class (index)")
+    if num_classes <= ANNOTATE_UP_TO:
+        size = 8 if num_classes <= 15 else 7
+        for (row, col), count in np.ndenumerate(cm):
+            if count:
+                colour = "white" if norm[row, col] > 0.5 else "black"
+                ax.text(col, row, str(count), ha="center", va="center", fontsize=size, color=colour)
     fig.savefig(f, format="png", dpi=100)
 
 

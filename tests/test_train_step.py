@@ -9,6 +9,7 @@ real DALI loader and the demo dataset is covered by tests/test_train_demo.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +112,7 @@ def test_one_training_step_for_every_model(memory_data, tmp_path, name):
     out = train.train(cfg)
     assert out["step"] == 1 and out["batches_per_rank"] == [[1]]
     assert out["val"]["val"]["videos"] == 4
+    assert (Path(out["out_dir"]) / "curves.png").read_bytes()[:4] == b"\x89PNG"  # drawn at the end
     state = load_checkpoint(out["checkpoint"])
     assert state["step"] == 1 and state["epoch"] == 1
     trained = state["model"]

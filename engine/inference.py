@@ -1,0 +1,202 @@
+"""Prediction on videos that are in no list: find them, count their frames, score them through the test
+pipeline, turn the fused scores into top-k labels and write them out. predict.py is the command line.
+
+The videos go through the same path as a test run: a temporary list ("path frames 0" lines, the frame
+counts probed here with prep.probe), dali_pipes' test loader and engine.scoring.evaluate_model, so a
+video's probabilities are exactly evaluate.py's softmax for the same views. Unreadable files are
+reported and skipped: those that fail to probe before anything is built, those that fail to decode in
+the loader through data.skip_bad (the loader drops them; their ids are missing from the result).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from engine.config import Config, ConfigError, EvalConfig
+from engine.fileio import atomic_write
+from engine.scoring import evaluate_model, softmax
+
+OUT_FORMATS = (".csv", ".json")
+
+
+@dataclass
+class VideoResult:
+    """One input video: its frame count and top-k, or why it was skipped."""
+
+    path: str
+    frames: int = 0
+    topk: list[tuple[int, str, float]] = field(default_factory=list)  # (class id, name, probability)
+    error: str = ""
+    note: str = ""  # a problem that did not stop it (decoding stopped early: fewer frames used)
+
+
+def parse_views(text: str) -> tuple[int, int]:
+    """'3x10' -> (spatial crops, temporal clips)."""
+    try:
+        crops, clips = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--views: expected CROPSxCLIPS such as 1x1, 3x2 or 3x10, got {text!r}") from None
+    return crops, clips
+
+
+def _list_line_path(line: str) -> str:
+    """The path of a list line: 'path frames label' (a prep.lists list) or a bare path."""
+    parts = line.rsplit(maxsplit=2)
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].lstrip("-").isdigit():
+        return parts[0]
+    return line
+
+
+def collect_videos(target: str | Path, root: str | Path | None = None) -> list[Path]:
+    """A video file, a folder (its video files, recursively, sorted) or a list file (one video per line).
+
+    A list's relative paths are taken from `root`, else from the list's folder. A list is a .txt/.lst/.csv
+    file (a video container is never one of those).
+    """
+    from prep.common import VIDEO_EXTENSIONS
+
+    target = Path(target)
+    if target.is_dir():
+        found = sorted(p for p in target.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+        if not found:
+            raise ConfigError(f"{target}: no video files in this folder ({', '.join(VIDEO_EXTENSIONS)})")
+        return found
+    if not target.exists():
+        raise ConfigError(f"{target}: no such video, folder or list file")
+    if target.suffix.lower() in (".txt", ".lst", ".csv"):
+        base = Path(root) if root else target.parent
+        lines = [ln.strip() for ln in target.read_text().splitlines()]
+        paths = [base / _list_line_path(ln) for ln in lines if ln and not ln.startswith("#")]
+        if not paths:
+            raise ConfigError(f"{target}: the list names no videos")
+        return paths
+    return [target]
+
+
+def probe_frames(path: Path) -> tuple[int, str]:
+    """(decodable frames, note) of a video; raises ValueError naming why it cannot be used at all."""
+    from prep.probe import ProbeError, probe_video
+
+    try:
+        info = probe_video(path, count="decode")
+    except ProbeError as e:
+        raise ValueError(str(e)) from None
+    if info.num_frames < 1:
+        raise ValueError(f"no decodable frames ({info.decode_error or 'empty video stream'})")
+    note = (
+        f"decoding stopped after {info.num_frames} frames ({info.decode_error})" if info.decode_error else ""
+    )
+    return info.num_frames, note
+
+
+def read_class_names(num_classes: int, classes_file: str = "", cfg: Config | None = None) -> list[str] | None:
+    """Class names, line i = class i: `classes_file` when given (must fit the model), else classes.txt in
+    the training config's data.root or beside its val_list when one fits; None means class indices."""
+    if classes_file:
+        path = Path(classes_file)
+        if not path.is_file():
+            raise ConfigError(f"--classes: {path} not found")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if len(names) != num_classes:
+            raise ConfigError(f"--classes: {path} has {len(names)} names, the model {num_classes} classes")
+        return names
+    if cfg is None:
+        return None
+    folders = [cfg.data.root, str(Path(cfg.data.val_list).parent) if cfg.data.val_list else ""]
+    for folder in dict.fromkeys(f for f in folders if f):
+        path = Path(folder) / "classes.txt"
+        if path.is_file():
+            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            if len(names) == num_classes:
+                return names
+    return None
+
+
+def probabilities(scores: np.ndarray, fuse: str) -> np.ndarray:
+    """Fused scores -> class probabilities: softmax of the mean logits, or the mean softmax as it is."""
+    return scores.astype(np.float64) if fuse == "softmax" else softmax(scores.astype(np.float64))
+
+
+def top_k(probs: np.ndarray, names: list[str] | None, k: int) -> list[tuple[int, str, float]]:
+    """The k most probable classes of one video, most probable first (ties: the lower class id)."""
+    order = np.argsort(-probs, kind="stable")[: min(k, len(probs))]
+    return [(int(c), names[c] if names else str(int(c)), float(probs[c])) for c in order]
+
+
+def _report_batches(batches: Iterable[dict], on_done: Callable[[list[int]], None]) -> Iterator[dict]:
+    """`batches`, calling on_done(ids) once the scorer comes back for the next batch (this one is scored)."""
+    pending: list[int] | None = None
+    for batch in batches:
+        if pending is not None:
+            on_done(pending)
+        pending = batch["ids"].reshape(-1).tolist()
+        yield batch
+    if pending is not None:
+        on_done(pending)
+
+
+def score_videos(
+    model: nn.Module,
+    cfg: Config,
+    videos: list[tuple[Path, int]],
+    views: EvalConfig,
+    amp: str,
+    device_id: int | None,
+    on_done: Callable[[list[int]], None] = lambda ids: None,
+) -> dict[int, np.ndarray]:
+    """Class probabilities of each (path, frames) video, by its index in `videos`; an index missing from
+    the result is a video the loader could not decode (skipped through data.skip_bad, warned there)."""
+    from dali_pipes.loader import build_loader
+
+    with tempfile.TemporaryDirectory(prefix="predict-") as tmp:
+        listing = Path(tmp) / "videos.txt"
+        listing.write_text("".join(f"{path.resolve()} {frames} 0\n" for path, frames in videos))
+        data = replace(cfg.data, val_list=str(listing), root="", skip_bad=True)
+        loader = build_loader(data, "test", views=views, device_id=device_id)
+        try:
+            result = evaluate_model(
+                model, _report_batches(loader, on_done), cfg.model.num_classes, views.fuse, amp,
+                cfg.train.channels_last,
+            )  # fmt: skip
+        finally:
+            loader.close()
+    probs = probabilities(result.scores, views.fuse)
+    return {int(i): p for i, p in zip(result.ids, probs, strict=True)}
+
+
+def write_predictions(out: str | Path, results: list[VideoResult], meta: dict) -> Path:
+    """CSV (one row per video and rank; a skipped video is one row with its error) or JSON, atomically."""
+    out = Path(out)
+    if out.suffix.lower() == ".json":
+        doc = {
+            **meta,
+            "videos": [
+                {"video": r.path, "frames": r.frames,
+                 "topk": [{"class_id": c, "class": n, "probability": p} for c, n, p in r.topk],
+                 **({"note": r.note} if r.note else {})}
+                for r in results if not r.error
+            ],
+            "failed": [{"video": r.path, "error": r.error} for r in results if r.error],
+        }  # fmt: skip
+        return atomic_write(out, lambda f: f.write(json.dumps(doc, indent=2) + "\n"), binary=False)
+    if out.suffix.lower() != ".csv":
+        raise ConfigError(f"--out: {out} must end in {' or '.join(OUT_FORMATS)}")
+
+    def rows(f) -> None:
+        w = csv.writer(f)
+        w.writerow(["video", "frames", "rank", "class_id", "class", "probability", "error"])
+        for r in results:
+            if r.error:
+                w.writerow([r.path, "", "", "", "", "", r.error])
+            for rank, (c, name, p) in enumerate(r.topk, start=1):
+                w.writerow([r.path, r.frames, rank, c, name, f"{p:.6f}", ""])
+
+    return atomic_write(out, rows, binary=False)

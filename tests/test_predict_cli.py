@@ -1,0 +1,217 @@
+"""predict.py end to end on tiny VP9 clips with a random debug TSM: a folder with a broken file, CSV and
+JSON contents, a models.convert-style checkpoint, and probabilities equal to evaluate.py's softmax."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import predict
+from engine import reports, scoring
+from engine.checkpoint import checkpoint_name, save_checkpoint
+from engine.config import load_config, to_dict
+from engine.inference import collect_videos, probabilities, top_k
+from models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["move_left", "move_right", "grow"]
+CONFIG = """
+data:
+  val_list: {root}/val.txt
+  train_list: {root}/train.txt
+  device: cpu
+  num_segments: 4
+  input_size: 32
+  scale_size: 48
+  num_threads: 1
+  num_workers: 1
+model: {{name: tsm, debug: true, num_classes: 3, num_segments: 4, dropout: 0.0}}
+train: {{amp: fp32, threads: 1}}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """3 synthetic clips (one per class), a debug TSM checkpoint with its config, the same weights without
+    a config (as models.convert writes), and a folder of the clips plus one broken file."""
+    root = tmp_path_factory.mktemp("predict")
+    cmd = [sys.executable, "-m", "prep.synth", str(root / "data"), "--classes", *CLASSES, "--per-class", "1",
+           "--val-per-class", "1", "--size", "32", "--frames", "8", "--jobs", "1", "--quiet"]  # fmt: skip
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    (root / "cfg.yaml").write_text(CONFIG.format(root=root / "data"))
+    cfg = load_config(root / "cfg.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    ckpt = save_checkpoint(root / "run" / checkpoint_name(1, 1), {"model": model.state_dict(),
+                                                                   "config": to_dict(cfg)})  # fmt: skip
+    bare = save_checkpoint(root / "converted.pt", {"model": model.state_dict(), "meta": {"source": "test"}})
+    folder = root / "videos"
+    folder.mkdir()
+    for name in CLASSES:
+        shutil.copy(root / "data" / "videos" / name / "val_0000.webm", folder / f"{name}.webm")
+    (folder / "broken.webm").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+    return {"root": root, "ckpt": ckpt, "bare": bare, "folder": folder, "cfg": root / "cfg.yaml"}
+
+
+def test_folder_with_a_broken_file_matches_evaluate(setup, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    argv = [
+        str(setup["ckpt"].parent),
+        str(setup["folder"]),
+        "--views",
+        "3x2",
+        "--topk",
+        "3",
+        "--out",
+        str(out),
+    ]
+    assert predict.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "broken.webm" in printed and "3 of 4 video(s) scored" in printed
+    for i in (1, 2, 3):  # one progress line per video (pytest's capture is not a tty)
+        assert f"[{i}/3]" in printed
+    rows = list(csv.DictReader(out.open()))
+    broken = [r for r in rows if r["video"].endswith("broken.webm")]
+    assert len(broken) == 1 and broken[0]["error"] and not broken[0]["rank"]
+    by_video: dict[str, list[dict]] = {}
+    for r in rows:
+        if not r["error"]:
+            by_video.setdefault(Path(r["video"]).stem, []).append(r)
+    assert sorted(by_video) == sorted(CLASSES)
+    for ranked in by_video.values():
+        assert [int(r["rank"]) for r in ranked] == [1, 2, 3] and {r["frames"] for r in ranked} == {"8"}
+        probs = [float(r["probability"]) for r in ranked]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-5
+        assert {r["class"] for r in ranked} == set(CLASSES)  # names from the data's classes.txt
+
+    # evaluate.py on the validation list (the same clips), same views: its softmax is predict's probability
+    dump_path = tmp_path / "eval.npz"
+    assert evaluate.main(["--checkpoint", str(setup["ckpt"]), "--views", "3x2", "--out", str(dump_path)]) == 0
+    dump = reports.load_dump(dump_path)
+    softmax = scoring.softmax(scoring.fuse_views(dump["view_logits"], "logits"))
+    for label, name in enumerate(CLASSES):
+        row = int(np.flatnonzero(dump["labels"] == label)[0])
+        got = {int(r["class_id"]): float(r["probability"]) for r in by_video[name]}
+        np.testing.assert_allclose([got[c] for c in range(3)], softmax[row], atol=2e-6)
+
+
+def test_converted_checkpoint_with_config_classes_and_list_to_json(setup, tmp_path):
+    classes = tmp_path / "names.txt"
+    classes.write_text("left\nright\ngrowing\n")
+    listing = tmp_path / "videos.txt"
+    listing.write_text("grow.webm 8 2\n# a comment\nmove_left.webm\n")
+    out = tmp_path / "preds.json"
+    argv = [str(setup["bare"]), str(listing), "--root", str(setup["folder"]), "--config", str(setup["cfg"]),
+            "--classes", str(classes), "--topk", "2", "--out", str(out), "--eval.fuse=softmax"]  # fmt: skip
+    assert predict.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["views"] == "1x1" and doc["fuse"] == "softmax" and doc["failed"] == []
+    assert [Path(v["video"]).name for v in doc["videos"]] == ["grow.webm", "move_left.webm"]
+    for video in doc["videos"]:
+        assert video["frames"] == 8 and len(video["topk"]) == 2
+        assert all(t["class"] == ["left", "right", "growing"][t["class_id"]] for t in video["topk"])
+        probs = [t["probability"] for t in video["topk"]]
+        assert probs[0] >= probs[1] > 0 and sum(probs) < 1
+
+
+def test_errors_and_nothing_readable(setup, tmp_path, capsys):
+    assert predict.main([str(setup["bare"]), str(setup["folder"])]) == 2
+    assert "stores no config" in capsys.readouterr().err
+    assert predict.main([str(setup["ckpt"]), str(setup["folder"]), "--out", str(tmp_path / "p.txt")]) == 2
+    assert "must end in .csv or .json" in capsys.readouterr().err
+    assert predict.main([str(setup["ckpt"]), str(tmp_path / "missing.webm")]) == 2
+    assert "no such video, folder or list file" in capsys.readouterr().err
+    bad = tmp_path / "names.txt"
+    bad.write_text("a\nb\n")
+    assert predict.main([str(setup["ckpt"]), str(setup["folder"]), "--classes", str(bad)]) == 2
+    assert "has 2 names, the model 3 classes" in capsys.readouterr().err
+    only_broken = tmp_path / "only"
+    only_broken.mkdir()
+    shutil.copy(setup["folder"] / "broken.webm", only_broken / "broken.webm")
+    out = tmp_path / "none.csv"
+    assert predict.main([str(setup["ckpt"]), str(only_broken), "--out", str(out)]) == 2
+    assert "0 of 1 video(s) scored" in capsys.readouterr().out
+    assert "undecodable" in list(csv.DictReader(out.open()))[0]["error"]
+
+
+def test_helpers(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/b/z.mp4", "a/y.webm", "x.MKV", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in collect_videos(tmp_path)] == [
+        "a/b/z.mp4",
+        "a/y.webm",
+        "x.MKV",
+    ]
+    logits = np.array([[2.0, 0.0, 1.0]])
+    probs = probabilities(logits, "logits")[0]
+    assert probs.sum() == pytest.approx(1.0)
+    assert [c for c, _, _ in top_k(probs, None, 5)] == [0, 2, 1]
+    assert top_k(probs, ["a", "b", "c"], 1)[0][1] == "a"
+
+
+def test_a_video_the_decoder_fails_on_is_skipped(setup, tmp_path, monkeypatch, capsys):
+    """A file that probes well but fails in the test pipeline (data.skip_bad drops it; the forked DALI
+    worker inherits the patched decoder)."""
+    import dali_pipes.source as source
+    from dali_pipes.video_io import VideoReadError
+
+    real = source.decode_frames
+
+    def failing(path, indices, index=None):
+        if "grow" in str(path):
+            raise VideoReadError(f"{path}: simulated decoder failure")
+        return real(path, indices, index)
+
+    monkeypatch.setattr(source, "decode_frames", failing)
+    out = tmp_path / "preds.json"
+    assert predict.main([str(setup["ckpt"]), str(setup["folder"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 of 4 video(s) scored, 2 skipped" in printed
+    doc = json.loads(out.read_text())
+    assert sorted(Path(v["video"]).name for v in doc["videos"]) == ["move_left.webm", "move_right.webm"]
+    failed = {Path(f["video"]).name: f["error"] for f in doc["failed"]}
+    assert "undecodable" in failed["broken.webm"] and "test pipeline" in failed["grow.webm"]
+
+    def always(path, indices, index=None):
+        raise VideoReadError(f"{path}: simulated decoder failure")
+
+    monkeypatch.setattr(source, "decode_frames", always)
+    assert predict.main([str(setup["ckpt"]), str(setup["folder"])]) == 2
+    printed = capsys.readouterr().out
+    assert "0 of 4 video(s) scored" in printed and "scoring failed" in printed
+
+
+@pytest.mark.gpu
+def test_gpu_route_predicts_as_the_cpu_route(setup, tmp_path):
+    """data.device gpu (NVDEC, model on CUDA) gives the CPU route's top-1 and close probabilities."""
+    results = {}
+    for device in ("cpu", "gpu"):
+        out = tmp_path / f"{device}.json"
+        argv = [
+            str(setup["ckpt"]),
+            str(setup["folder"]),
+            "--topk",
+            "3",
+            "--out",
+            str(out),
+            f"--data.device={device}",
+        ]
+        assert predict.main(argv) == 0
+        doc = json.loads(out.read_text())
+        assert doc["device"] == ("cuda" if device == "gpu" else "cpu")
+        results[device] = {Path(v["video"]).name: v["topk"] for v in doc["videos"]}
+    assert sorted(results["gpu"]) == sorted(results["cpu"]) == [f"{c}.webm" for c in sorted(CLASSES)]
+    for name, cpu_topk in results["cpu"].items():
+        gpu = {t["class_id"]: t["probability"] for t in results["gpu"][name]}
+        cpu = {t["class_id"]: t["probability"] for t in cpu_topk}
+        np.testing.assert_allclose([gpu[c] for c in range(3)], [cpu[c] for c in range(3)], atol=0.02)
