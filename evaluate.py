@@ -30,9 +30,8 @@ from engine.config import (
     Config,
     ConfigError,
     EvalConfig,
-    apply_overrides,
+    build_config,
     dump_yaml,
-    from_dict,
     load_config,
     split_cli,
 )
@@ -89,10 +88,7 @@ def resolve_config(config_path: str | None, ckpt: dict, ckpt_path: str, override
             f"{ckpt_path} stores no config (a models.convert output?): "
             "pass the CONFIG file before --checkpoint"
         )
-    try:
-        return from_dict(apply_overrides(copy.deepcopy(ckpt["config"]), overrides))
-    except ConfigError as e:
-        raise ConfigError(f"{ckpt_path} (stored config): {e}") from None
+    return build_config(copy.deepcopy(ckpt["config"]), overrides, f"{ckpt_path} (stored config)")
 
 
 def read_class_names(data_root: str, val_list: str, num_classes: int) -> list[str] | None:
