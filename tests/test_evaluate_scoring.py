@@ -88,6 +88,29 @@ def test_unsorted_and_duplicate_ids_are_scored_once_in_id_order():
     assert result.ids.tolist() == [0, 2, 3, 4, 5] and result.metrics["videos"] == 5
 
 
+def test_progress_callback_sees_every_batch_and_lines_report_rate_and_eta(capsys, monkeypatch):
+    calls = []
+    result = scoring.evaluate_model(
+        FlatNet(), fake_loader(videos=5, views=2, batch=2), NUM_CLASSES, amp="fp32",
+        progress=lambda batches, videos: calls.append((batches, videos)),
+    )  # fmt: skip
+    assert calls == [(1, 2), (2, 4), (3, 5)] and result.metrics["videos"] == 5
+
+    from engine import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    lines = progress.ProgressLines("evaluate", total=40, unit="videos", every_s=10)
+    for done, t in [(4, 101.0), (8, 110.0), (12, 112.0), (40, 120.0)]:
+        now[0] = t
+        lines.update(done)
+    out = capsys.readouterr().out.splitlines()  # nothing at 1 s or 12 s; the 10 s mark and the end
+    assert out == [
+        "evaluate: 8/40 videos (20%)  0.8 videos/s  elapsed 0:10  eta 0:40",
+        "evaluate: 40/40 videos (100%)  2.0 videos/s  elapsed 0:20",
+    ]
+
+
 def test_wrong_output_width_and_empty_loader_are_clear_errors():
     with pytest.raises(ValueError, match=r"expected \(4, 9\).*num_classes"):
         scoring.evaluate_model(FlatNet(), fake_loader(4, 1, batch=4), 9, amp="fp32")
