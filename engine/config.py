@@ -152,7 +152,7 @@ class EvalConfig:
     spatial_crops: int = 1  # 1 (centre) | 3 (left/centre/right along the long side)
     temporal_clips: int = 1  # N clips per video
     # auto (by data.sampling: uniform -> centres/twice/uniform for 1/2/N clips, dense -> dense,
-    # clip3d -> clip3d) | centres | twice | uniform | dense | clip3d; names as in sampling.md
+    # clip3d -> clip3d) | centres | twice | uniform | dense | clip3d; see docs/DATA.md
     temporal_mode: str = "auto"
     full_res: bool = False  # crop at scale_size (256) instead of input_size
     fuse: str = "logits"  # average views as logits (TSM family) or softmax (MMAction2, MSN)

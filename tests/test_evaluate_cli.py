@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,11 @@ import pytest
 import torch
 
 import evaluate
+from dali_pipes.listfile import read_list
 from engine import reports, scoring
 from engine.checkpoint import checkpoint_name, save_checkpoint
 from engine.config import load_config, to_dict
+from engine.fileio import current_umask
 from models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,4 +102,49 @@ def test_cli_errors_name_the_problem(demo_checkpoint, tmp_path, capsys):
     )
     assert "'twice' gives 2 clip(s)" in capsys.readouterr().err
     assert evaluate.main(["--checkpoint", str(demo_checkpoint), "--model.name=tam"]) == 2
-    assert "weights do not fit" in capsys.readouterr().err
+    assert "trained as another model: model.name 'tsm' in the checkpoint, 'tam' configured" in (
+        capsys.readouterr().err
+    )
+
+
+def test_weight_mismatches_are_one_line(demo_checkpoint, capsys):
+    argv = ["--checkpoint", str(demo_checkpoint), "--allow-config-mismatch"]
+    assert evaluate.main([*argv, "--model.num_classes=5"]) == 2
+    err = capsys.readouterr().err
+    one_line = (r"weights do not fit .*: 2 shape mismatches \(checkpoint vs model\): \S*fc\.weight "
+                r"\(3, \d+\) vs \(5, \d+\), \S*fc\.bias \(3,\) vs \(5,\)$")  # fmt: skip
+    assert re.search(one_line, err.strip()), err
+    assert evaluate.main([*argv, "--model.name=tam"]) == 2  # TAM has weights TSM lacks: dozens of keys
+    err = capsys.readouterr().err.strip()
+    assert re.search(r": \d+ missing: \S+, \S+, \S+, \.\.\. \d+ more$", err) and "\n" not in err, err
+
+
+def test_mismatch_refused_unless_allowed_and_outputs_never_overwritten(demo_checkpoint, tmp_path, capsys):
+    """A tsn config fits a tsm checkpoint's weights: refused unless told; outputs are named by model and
+    views, and another evaluation's dump is never replaced without --overwrite."""
+    ckpt = tmp_path / "run" / demo_checkpoint.name
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(demo_checkpoint.read_bytes())
+    base = ["--checkpoint", str(ckpt), "--views=1x1", "--progress-every=0"]
+    assert evaluate.main([*base, "--model.name=tsn"]) == 2
+    err = capsys.readouterr().err
+    assert "model.name 'tsm' in the checkpoint, 'tsn' configured" in err and "--allow-config-mismatch" in err
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name]  # refused before writing anything
+
+    assert evaluate.main([*base, "--model.name=tsn", "--allow-config-mismatch"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluate: 3/3 videos (100%)" in out  # a progress line, though stdout is not a terminal
+    tsn = ckpt.parent / f"eval_{ckpt.stem}_tsn_1x1_centres.npz"
+    dump = reports.load_dump(tsn)
+    listed = read_list(demo_checkpoint.parents[1] / "data" / "val.txt")
+    assert dump["paths"].tolist() == [e.path for e in listed]  # ids 0, 1, 2: the list's videos in order
+    assert all(Path(p).is_file() for p in dump["paths"])
+    before = tsn.read_bytes()
+
+    assert evaluate.main([*base, "--out", str(tsn)]) == 2  # the tsm evaluation may not replace the tsn one
+    err = capsys.readouterr().err
+    assert f"{tsn} holds another evaluation's outputs (model.name 'tsn' there, 'tsm' now)" in err
+    assert tsn.read_bytes() == before
+    assert evaluate.main([*base, "--out", str(tsn), "--overwrite"]) == 0
+    assert json.loads(str(reports.load_dump(tsn)["identity"]))["model.name"] == "tsm"
+    assert oct(tsn.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())

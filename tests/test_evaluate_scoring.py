@@ -160,8 +160,8 @@ def test_reports_csv_and_png(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # temp files renamed away
 
 
-def _dump(path, ids, labels, view_logits, names=None):
-    reports.save_dump(path, np.asarray(ids), np.asarray(labels), names, view_logits=view_logits)
+def _dump(path, ids, labels, view_logits, names=None, **arrays):
+    reports.save_dump(path, np.asarray(ids), np.asarray(labels), names, view_logits=view_logits, **arrays)
     return path
 
 
@@ -171,8 +171,10 @@ def test_fusion_of_dumps_is_the_mean_of_the_dumps(tmp_path, mode):
     ids, labels = np.arange(6), rng.integers(0, 4, 6)
     a, b = rng.normal(size=(6, 3, 4)).astype(np.float32), rng.normal(size=(6, 1, 4)).astype(np.float32)
     order = rng.permutation(6)  # a dump's row order must not matter
-    pa = _dump(tmp_path / "a.npz", ids, labels, a, ["w", "x", "y", "z"])
-    pb = _dump(tmp_path / "b.npz", ids[order], labels[order], b[order])
+    paths = np.array([f"videos/v{i}.webm" for i in ids])
+    names = ["w", "x", "y", "z"]
+    pa = _dump(tmp_path / "a.npz", ids[order], labels[order], a[order], names, paths=paths[order])
+    pb = _dump(tmp_path / "b.npz", ids, labels, b)
     fused_ids, fused_labels, fused, names = reports.fuse_dumps([pa, pb], mode)
     expected = (scoring.fuse_views(a, mode) + scoring.fuse_views(b, mode)) / 2
     if mode == "softmax":
@@ -185,6 +187,7 @@ def test_fusion_of_dumps_is_the_mean_of_the_dumps(tmp_path, mode):
     assert evaluate.main(["--fuse", str(pa), str(pb), "--fuse-mode", mode, "--out", str(out)]) == 0
     saved = reports.load_dump(out)
     np.testing.assert_allclose(saved["scores"], expected, rtol=1e-5, atol=1e-6)
+    assert saved["paths"].tolist() == paths.tolist()  # the first dump's paths, in id order like the rest
     assert (tmp_path / "fused.confusion.png").is_file() and (tmp_path / "fused.per_class.csv").is_file()
     # a fused file fuses again (with the same mode): the mean of equal inputs is the input
     _, _, again, _ = reports.fuse_dumps([out, out], mode)
