@@ -136,7 +136,7 @@ class TrainConfig:
     ema: float = 0.0  # weight EMA decay (0 = off)
     ckpt_every: int = 1  # epochs between checkpoints (always one at the end)
     eval_every: int = 1  # epochs between validations (0 = never)
-    log_every: int = 20  # steps between log lines (the only host syncs)
+    log_every: int = 20  # steps between log lines (the only host syncs); an epoch without one logs at its end
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
     seed: int = 0
     stop_at_step: int = 0  # end this job after this optimizer step with a checkpoint (0: run all epochs)

@@ -1,4 +1,5 @@
-"""Plain progress lines for logs: what a rich progress bar shows, as one line every ~10 s.
+"""Output for logs: plain progress lines (what a rich bar shows, one line every ~10 s), and a rich
+console that does not cut tables at 80 columns when writing to a file.
 
 A bar redraws in place and leaves nothing readable in a log file (or nothing at all: rich draws no bar
 when output is not a terminal), so long jobs whose output goes to a file or a pipe print these lines
@@ -9,7 +10,23 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# rich sizes a console that is not a terminal at 80 columns and cuts tables to fit; log files get this.
+LOG_WIDTH = 200
+
+
+def log_console(**kwargs) -> Console:
+    """A rich Console: the terminal's width on a terminal, LOG_WIDTH columns in a file or a pipe."""
+    from rich.console import Console
+
+    console = Console(**kwargs)
+    if not console.is_terminal and "width" not in kwargs:
+        console = Console(width=LOG_WIDTH, **kwargs)
+    return console
 
 
 def clock(seconds: float) -> str:

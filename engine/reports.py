@@ -124,14 +124,15 @@ def plot_confusion(cm: np.ndarray, names: list[str], title: str, f: io.IOBase) -
 
 
 def print_table(rows: list[tuple[str, str]], title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from engine.progress import log_console
 
     table = Table(title=title)
     for name, _ in rows:
         table.add_column(name, justify="right", no_wrap=True)
     table.add_row(*(value for _, value in rows))
-    Console().print(table)
+    log_console().print(table)
 
 
 def metric_rows(metrics: dict) -> list[tuple[str, str]]:

@@ -111,6 +111,14 @@ def test_progress_callback_sees_every_batch_and_lines_report_rate_and_eta(capsys
     ]
 
 
+def test_tables_are_not_cut_at_80_columns_in_logs(capsys):
+    rows = [(f"column number {i}", f"{1000 + i}.00") for i in range(10)]  # ~170 columns
+    reports.print_table(rows, "a wide table")
+    out = capsys.readouterr().out
+    assert "…" not in out and max(map(len, out.splitlines())) > 120
+    assert all(name in out and value in out for name, value in rows)
+
+
 def test_wrong_output_width_and_empty_loader_are_clear_errors():
     with pytest.raises(ValueError, match=r"expected \(4, 9\).*num_classes"):
         scoring.evaluate_model(FlatNet(), fake_loader(4, 1, batch=4), 9, amp="fp32")
