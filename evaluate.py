@@ -30,6 +30,7 @@ from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoin
 from engine.config import (
     Config,
     ConfigError,
+    DefaultsHelpFormatter,
     EvalConfig,
     build_config,
     dump_yaml,
@@ -336,6 +337,7 @@ def report_checkpoint_result(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         description="Multi-view testing of a checkpoint, or fusion of score dumps (--fuse A.npz B.npz ...).",
         epilog="Dotted overrides such as --data.device=cpu or --eval.full_res=true apply after the config.",
     )

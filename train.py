@@ -40,7 +40,15 @@ from engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from engine.config import Config, ConfigError, dump_yaml, load_config, split_cli, to_dict
+from engine.config import (
+    Config,
+    ConfigError,
+    DefaultsHelpFormatter,
+    dump_yaml,
+    load_config,
+    split_cli,
+    to_dict,
+)
 from engine.distributed import DistInfo, all_gather_objects, init_distributed
 from engine.fileio import atomic_write_text
 from engine.metrics_log import LogWindow, MetricsLog, provenance
@@ -407,7 +415,11 @@ def finish(run: Run, epochs_done: int, stopped: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = split_cli(argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter,
+        epilog="Config keys are overridden with --section.key=value; --print-config shows every value with "
+        "the defaults filled in (README.md: the config reference).",
+    )  # fmt: skip
     parser.add_argument("config", help="YAML config (configs/*.yaml)")
     parser.add_argument("--resume", default="", help="auto (newest checkpoint in train.out_dir) or a path")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -8,6 +8,7 @@ YAML files load strictly into small dataclasses: an unknown key, a wrong type or
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -432,6 +433,16 @@ def from_dict(raw: dict) -> Config:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` of every command shows each option's default, except unset ones (None, False, "")
+    and those whose help text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, "") or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
 
 
 def split_cli(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.config import DefaultsHelpFormatter
 from prep.common import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -361,8 +362,12 @@ def write_missing_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m prep.lists", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m prep.lists", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="dataset", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, formatter_class=DefaultsHelpFormatter)
 
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--out", type=Path, required=True, help="folder for <split>.txt, classes.txt, reports")
@@ -371,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="count decoded frames (exact) or demuxed packets (faster)")  # fmt: skip
         q.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    k = sub.add_parser("kinetics", help="official CSVs label,youtube_id,time_start,time_end,split")
+    k = add("kinetics", help="official CSVs label,youtube_id,time_start,time_end,split")
     k.add_argument("--csv", type=Path, nargs="+", required=True, help="train.csv validate.csv ...")
     k.add_argument("--videos", type=Path, required=True,
                    help="folder (searched recursively) of {youtube_id}_{start:06d}_{end:06d}.*")  # fmt: skip
@@ -379,19 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes.txt fixing the class ids (line i = label i), e.g. from the run on the train "
                    "CSV; default: the sorted label names of the CSVs given")  # fmt: skip
     common(k)
-    v2 = sub.add_parser("sthv2", help="Something-Something V2 labels/train/validation JSON + <id>.webm")
+    v2 = add("sthv2", help="Something-Something V2 labels/train/validation JSON + <id>.webm")
     v2.add_argument(
         "--annotations", type=Path, required=True, help=f"folder with {', '.join(STHV2_FILES.values())}"
     )
     v2.add_argument("--videos", type=Path, required=True, help="folder of <id>.webm (or resized <id>.<ext>)")
     common(v2)
-    v1 = sub.add_parser("sthv1", help="Something-Something V1 ';' CSVs + JPEG frame folders <id>/00001.jpg")
+    v1 = add("sthv1", help="Something-Something V1 ';' CSVs + JPEG frame folders <id>/00001.jpg")
     v1.add_argument(
         "--annotations", type=Path, required=True, help=f"folder with {', '.join(STHV1_FILES.values())}"
     )
     v1.add_argument("--frames", type=Path, required=True, help="folder of <id>/ frame folders")
     common(v1)
-    f = sub.add_parser("folders", help="class-per-folder trees (UCF101 / HMDB style)")
+    f = add("folders", help="class-per-folder trees (UCF101 / HMDB style)")
     f.add_argument("--root", type=Path, required=True, help="ROOT/<class>/<video or frame folder>")
     f.add_argument("--splits", nargs="+", default=[],
                    help="split folder names: ROOT/<split>/<class>/... -> <split>.txt")  # fmt: skip

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import ffmpeg
 
+from engine.config import DefaultsHelpFormatter
 from prep.common import (
     VIDEO_EXTENSIONS,
     UserError,
@@ -248,6 +249,7 @@ def report_path(dst: Path, shard: tuple[int, int]) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="python -m prep.resize",
         description="Re-encode every video under SRC into DST (same sub-folders) with a given short side, "
         "constant frame rate and a keyframe every --gop frames. Resumable: rerun the same command.",
