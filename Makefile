@@ -61,7 +61,7 @@ demo: demo-data
 
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -v --durations=10
 
 lint: setup
 	$(PY) -m ruff check .
