@@ -14,6 +14,8 @@ COMMANDS = [
     ("prep.validate", [], "(default: "),
     ("prep.synth", [], "(default: "),
     ("dali_pipes.profile", [], "(default: "),
+    ("models.convert", [], "(default: 8)"),  # --num-segments
+    ("models.summary", [], "ResNet depth for every model (default 50)"),  # stated in the help: not twice
 ]
 
 
