@@ -38,7 +38,7 @@ from engine.config import (
     load_config,
     split_cli,
 )
-from engine.distributed import init_distributed
+from engine.distributed import all_gather_objects, init_distributed
 from engine.progress import ProgressLines
 from engine.reports import (
     DumpError,
@@ -215,8 +215,7 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
         amp = args.amp or cfg.train.amp
         out = output_path(args, cfg, views)
         identity = evaluation_identity(args, cfg, views, amp)
-        if info.is_main:  # before the scoring, not after minutes of it
-            check_output_free(out, identity, args.overwrite)
+        output_verdict(out, identity, args.overwrite, info.is_main)  # before the scoring, not after it
 
         model = build_model(replace(cfg.model, pretrained=""))  # the checkpoint brings all weights
         load_model_weights(model, ckpt, args.checkpoint, args.weights)
@@ -269,6 +268,20 @@ def evaluation_identity(args: argparse.Namespace, cfg: Config, views: EvalConfig
     resolved = replace(cfg, eval=views)
     fields = {key: get_dotted(resolved, key) for key in IDENTITY_FIELDS}
     return {"checkpoint": str(Path(args.checkpoint).resolve()), "weights": args.weights, "amp": amp, **fields}
+
+
+def output_verdict(out: Path, identity: dict, overwrite: bool, is_main: bool) -> None:
+    """Rank 0 checks the output path and every rank learns its verdict, so all ranks stop together
+    (a refusal on rank 0 alone would leave the others waiting in the scoring's collectives)."""
+    problem = ""
+    if is_main:
+        try:
+            check_output_free(out, identity, overwrite)
+        except ConfigError as e:
+            problem = str(e)
+    problem = all_gather_objects(problem)[0]
+    if problem:
+        raise ConfigError(problem)
 
 
 def check_output_free(out: Path, identity: dict, overwrite: bool) -> None:

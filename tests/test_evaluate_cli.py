@@ -53,7 +53,7 @@ def demo_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(root / "run" / checkpoint_name(1, 1), state)
 
 
-@pytest.mark.slow  # ~25 s on 2 cores: two torchrun processes and one in-process run build DALI pipelines
+@pytest.mark.slow  # two torchrun launches (one scores, one is refused) and an in-process run: DALI pipelines
 def test_two_ranks_score_every_video_once_and_match_one_process(demo_checkpoint, tmp_path):
     two = tmp_path / "two.npz"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -68,6 +68,11 @@ def test_two_ranks_score_every_video_once_and_match_one_process(demo_checkpoint,
     assert dump["class_names"].tolist() == ["move_left", "move_right", "grow"]
     assert json.loads((tmp_path / "two.metrics.json").read_text())["videos"] == 3
     assert (tmp_path / "two.confusion.png").stat().st_size > 0
+    # another view setting into the same --out: both ranks stop before scoring (no rank left waiting)
+    other = [*cmd[: cmd.index("--views")], "--views", "1x1", "--out", str(two)]
+    refused = subprocess.run(other, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "holds another evaluation's outputs" in refused.stderr, refused.stderr
+    assert reports.load_dump(two)["view_logits"].shape == (3, 6, 3)
 
     # In this process (world 1): the centre crop of both clips, softmax fusion, the run folder as checkpoint
     # (newest checkpoint in it), and a stored model.pretrained that must not be loaded (it does not exist).
