@@ -9,6 +9,8 @@ TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 DEMO := data/demo
 RUNS := runs
+# e.g. make test PYTEST_ARGS='-m "not slow"' (skips the learning proof and the other slow tests)
+PYTEST_ARGS ?=
 
 .PHONY: setup ffmpeg demo demo-data test lint bench clean
 
@@ -66,7 +68,7 @@ demo: demo-data
 
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -v --durations=10 $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,15 +30,26 @@ from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoin
 from engine.config import (
     Config,
     ConfigError,
+    DefaultsHelpFormatter,
     EvalConfig,
-    apply_overrides,
+    build_config,
     dump_yaml,
-    from_dict,
+    get_dotted,
     load_config,
     split_cli,
 )
-from engine.distributed import init_distributed
-from engine.reports import DumpError, fuse_dumps, metric_rows, print_table, save_dump, write_reports
+from engine.distributed import all_gather_objects, init_distributed
+from engine.progress import ProgressLines
+from engine.reports import (
+    DumpError,
+    fuse_dumps,
+    load_dump,
+    metric_rows,
+    print_table,
+    report_paths,
+    save_dump,
+    write_reports,
+)
 from engine.scoring import FUSE_MODES, EvalResult, compute_metrics, evaluate_model
 
 log = logging.getLogger("evaluate")
@@ -54,9 +66,11 @@ def fuse_main(paths: list[str], mode: str, out: str | None) -> int:
     print_table(metric_rows(metrics), f"fusion of {len(paths)} dumps ({mode})")
     if out:
         out_path = Path(out)
+        first = load_dump(paths[0])  # fuse_dumps checked that all dumps hold the same ids
+        extra = {"paths": first["paths"][np.argsort(first["ids"], kind="stable")]} if "paths" in first else {}
         save_dump(
             out_path, ids, labels, class_names, scores=scores, fuse_mode=np.array(mode),
-            sources=np.array([str(p) for p in paths]),
+            sources=np.array([str(p) for p in paths]), **extra,
         )  # fmt: skip
         metrics = {**metrics, "fuse_mode": mode, "sources": [str(p) for p in paths]}
         write_reports(
@@ -89,10 +103,7 @@ def resolve_config(config_path: str | None, ckpt: dict, ckpt_path: str, override
             f"{ckpt_path} stores no config (a models.convert output?): "
             "pass the CONFIG file before --checkpoint"
         )
-    try:
-        return from_dict(apply_overrides(copy.deepcopy(ckpt["config"]), overrides))
-    except ConfigError as e:
-        raise ConfigError(f"{ckpt_path} (stored config): {e}") from None
+    return build_config(copy.deepcopy(ckpt["config"]), overrides, f"{ckpt_path} (stored config)")
 
 
 def read_class_names(data_root: str, val_list: str, num_classes: int) -> list[str] | None:
@@ -111,22 +122,74 @@ def read_class_names(data_root: str, val_list: str, num_classes: int) -> list[st
 
 
 def load_model_weights(model: nn.Module, ckpt: dict, ckpt_path: str, weights: str) -> None:
-    """Strict load of the checkpoint's "model" (or "ema") weights; a mismatch names the keys and the file."""
+    """Strict load of the checkpoint's "model" (or "ema") weights; a mismatch is one line naming the file."""
     if ckpt.get(weights) is None:
         raise ConfigError(f"{ckpt_path}: has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
     state = ckpt[weights]
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ConfigError(f"{ckpt_path}: weights do not fit the configured model: {e}") from None
-    if result.missing_keys or result.unexpected_keys:
+    problems = weight_mismatches(model.state_dict(), state)
+    if problems:
         raise ConfigError(
             f"{ckpt_path}: weights do not fit the configured model (model.name/depth/num_classes?): "
-            f"missing {result.missing_keys[:8]}{'...' if len(result.missing_keys) > 8 else ''}, "
-            f"unexpected {result.unexpected_keys[:8]}{'...' if len(result.unexpected_keys) > 8 else ''}"
+            + problems
         )
+    model.load_state_dict(state)
+
+
+def weight_mismatches(own: dict, state: dict, shown: int = 3) -> str:
+    """'' when `state` fits `own` exactly, else one line: counts of missing / unexpected / reshaped
+    tensors with the first few keys of each (a recipe config on a debug checkpoint differs in ~150)."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    parts = []
+    for name, keys in (("shape mismatches (checkpoint vs model)", reshaped), ("missing", missing),
+                       ("unexpected", unexpected)):  # fmt: skip
+        if keys:
+            more = f", ... {len(keys) - shown} more" if len(keys) > shown else ""
+            parts.append(f"{len(keys)} {name}: {', '.join(keys[:shown])}{more}")
+    return "; ".join(parts)
+
+
+# The fields that decide which network a checkpoint's weights belong to (not dropout, not pretrained).
+MODEL_IDENTITY = ("name", "depth", "num_classes", "num_segments", "debug")
+
+
+def stored_model_config(ckpt: dict) -> dict:
+    """The model fields a checkpoint records: train.py's stored config, or a models.convert output's meta."""
+    config = ckpt.get("config")
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        return config["model"]
+    meta = ckpt.get("meta")
+    if isinstance(meta, dict) and "model" in meta:
+        stored = {k: meta[k] for k in ("depth", "num_classes", "num_segments") if k in meta}
+        return {"name": meta["model"], **stored}
+    return {}
+
+
+def check_model_config(cfg: Config, ckpt: dict, ckpt_path: str, allow: bool) -> None:
+    """Refuse a checkpoint trained as another model than the configured one, even when its weights happen
+    to fit (a tsn config on a tsm checkpoint loads, and scores without the shift), unless `allow`."""
+    stored = stored_model_config(ckpt)
+    diffs = [
+        f"model.{key} {stored[key]!r} in the checkpoint, {getattr(cfg.model, key)!r} configured"
+        for key in MODEL_IDENTITY
+        if key in stored and stored[key] != getattr(cfg.model, key)
+    ]
+    if not diffs:
+        return
+    if allow:
+        log.warning("%s: evaluating despite a model config mismatch: %s", ckpt_path, "; ".join(diffs))
+        return
+    raise ConfigError(
+        f"{ckpt_path} was trained as another model: {'; '.join(diffs)}. Fix CONFIG or the overrides "
+        "(without CONFIG, the checkpoint's own config is used), or pass --allow-config-mismatch"
+    )
 
 
 def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -145,10 +208,14 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
             args.checkpoint = str(latest_checkpoint(args.checkpoint) or args.checkpoint)
         ckpt = load_checkpoint(args.checkpoint)
         cfg = resolve_config(args.config, ckpt, args.checkpoint, overrides)
+        check_model_config(cfg, ckpt, args.checkpoint, args.allow_config_mismatch)
         views = cfg.eval.resolved(cfg.data.sampling)
         if cfg.data.device == "gpu" and info.device.type != "cuda":
             raise ConfigError("data.device: 'gpu' but CUDA is not available here; pass --data.device=cpu")
         amp = args.amp or cfg.train.amp
+        out = output_path(args, cfg, views)
+        identity = evaluation_identity(args, cfg, views, amp)
+        output_verdict(out, identity, args.overwrite, info.is_main)  # before the scoring, not after it
 
         model = build_model(replace(cfg.model, pretrained=""))  # the checkpoint brings all weights
         load_model_weights(model, ckpt, args.checkpoint, args.weights)
@@ -158,20 +225,101 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
             model = model_channels_last(model)
         device_id = info.local_rank if cfg.data.device == "gpu" else None
         loader = build_loader(cfg.data, "test", info.rank, info.world_size, views=views, device_id=device_id)
+        lines = ProgressLines("evaluate", loader.num_videos, "videos", every_s=args.progress_every)
         result = evaluate_model(
-            model, loader, cfg.model.num_classes, views.fuse, amp, cfg.train.channels_last
-        )
+            model, loader, cfg.model.num_classes, views.fuse, amp, cfg.train.channels_last,
+            progress=progress_printer(lines, info.world_size) if info.is_main else None,
+        )  # fmt: skip
         if info.is_main:
-            report_checkpoint_result(args, cfg, views, result, amp, info.world_size, loader)
+            report_checkpoint_result(args, cfg, views, result, amp, info.world_size, loader, out, identity)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
 
 
+def progress_printer(lines: ProgressLines, world: int) -> Callable[[int, int], None]:
+    """Rank 0's counts stand for all ranks (the loader shards the list evenly): an estimate beyond world 1."""
+    return lambda batches, videos: lines.update(min(lines.total, videos * world))
+
+
+def output_path(args: argparse.Namespace, cfg: Config, views: EvalConfig) -> Path:
+    """--out, or beside the checkpoint a name that says what was scored, so evaluations do not collide:
+    eval_<checkpoint>_<model.name>_<CxN>_<temporal mode>[_fullres].npz."""
+    if args.out:
+        return Path(args.out)
+    ckpt = Path(args.checkpoint)
+    view_name = f"{views.spatial_crops}x{views.temporal_clips}"
+    tail = "_fullres" if views.full_res else ""
+    return ckpt.parent / f"eval_{ckpt.stem}_{cfg.model.name}_{view_name}_{views.temporal_mode}{tail}.npz"
+
+
+# What decides the scores in a dump; two evaluations that agree on all of it are the same evaluation.
+IDENTITY_FIELDS = (
+    *(f"model.{k}" for k in MODEL_IDENTITY),
+    *(f"data.{k}" for k in ("val_list", "root", "source", "sampling", "num_segments", "snippet_len",
+                            "dense_window", "clip_len", "frame_interval", "input_size", "scale_size", "mean",
+                            "std")),
+    *(f"eval.{k}" for k in ("spatial_crops", "temporal_clips", "temporal_mode", "full_res", "fuse")),
+)  # fmt: skip
+
+
+def evaluation_identity(args: argparse.Namespace, cfg: Config, views: EvalConfig, amp: str) -> dict:
+    resolved = replace(cfg, eval=views)
+    fields = {key: get_dotted(resolved, key) for key in IDENTITY_FIELDS}
+    return {"checkpoint": str(Path(args.checkpoint).resolve()), "weights": args.weights, "amp": amp, **fields}
+
+
+def output_verdict(out: Path, identity: dict, overwrite: bool, is_main: bool) -> None:
+    """Rank 0 checks the output path and every rank learns its verdict, so all ranks stop together
+    (a refusal on rank 0 alone would leave the others waiting in the scoring's collectives)."""
+    problem = ""
+    if is_main:
+        try:
+            check_output_free(out, identity, overwrite)
+        except ConfigError as e:
+            problem = str(e)
+    problem = all_gather_objects(problem)[0]
+    if problem:
+        raise ConfigError(problem)
+
+
+def check_output_free(out: Path, identity: dict, overwrite: bool) -> None:
+    """Never replace another evaluation's outputs: a dump at `out` from another checkpoint, weights or
+    config is refused (before any scoring) unless --overwrite; the same evaluation run again replaces it."""
+    reports_there = [p for p in report_paths(out) if p.exists()]
+    if overwrite or not (out.exists() or reports_there):
+        return
+    old: dict = {}
+    if out.exists():
+        try:
+            with np.load(out, allow_pickle=False) as z:
+                old = json.loads(str(z["identity"])) if "identity" in z.files else {}
+        except (OSError, ValueError) as e:
+            msg = f"{out}: exists but is not a readable score dump ({e}); pass --out or --overwrite"
+            raise ConfigError(msg) from None
+    diffs = [f"{key} {old[key]!r} there, {identity[key]!r} now" for key in identity
+             if key in old and old[key] != identity[key]]  # fmt: skip
+    if out.exists() and old and not diffs:
+        return
+    what = "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else "") if old else "no record of what it scored"
+    raise ConfigError(
+        f"{out} holds another evaluation's outputs ({what}): pass --out NEW.npz, or --overwrite to replace it"
+    )
+
+
+def list_paths(cfg: Config, ids: np.ndarray) -> np.ndarray:
+    """The video path (list path joined to data.root) of each scored id: dumps name videos, not positions."""
+    from dali_pipes.listfile import read_list
+
+    entries = read_list(cfg.data.val_list, cfg.data.root)
+    return np.array([entries[i].path for i in ids.tolist()], dtype=str)
+
+
 def report_checkpoint_result(
-    args: argparse.Namespace, cfg: Config, views: EvalConfig, result: EvalResult, amp: str, world: int, loader
-) -> None:
+    args: argparse.Namespace, cfg: Config, views: EvalConfig, result: EvalResult, amp: str, world: int,
+    loader, out: Path, identity: dict,
+) -> None:  # fmt: skip
     """Rank 0: score dump, reports next to it, and the table."""
     if result.metrics["videos"] != loader.num_videos:
         log.warning(
@@ -181,16 +329,16 @@ def report_checkpoint_result(
     view_name = f"{views.spatial_crops}x{views.temporal_clips}"
     class_names = read_class_names(cfg.data.root, cfg.data.val_list, cfg.model.num_classes)
     ckpt = Path(args.checkpoint)
-    out = Path(args.out or ckpt.parent / f"eval_{view_name}_{views.temporal_mode}.npz")
     meta = {
         "views": view_name, "temporal_mode": views.temporal_mode, "full_res": views.full_res,
-        "fuse": views.fuse, "amp": amp, "world_size": world, "checkpoint": str(ckpt),
+        "fuse": views.fuse, "amp": amp, "world_size": world, "checkpoint": str(ckpt), "weights": args.weights,
     }  # fmt: skip
     save_dump(
         out, result.ids, result.labels, class_names, view_logits=result.view_logits,
-        meta=np.array(json.dumps(meta)), config=np.array(dump_yaml(cfg)),
+        paths=list_paths(cfg, result.ids), meta=np.array(json.dumps(meta)), config=np.array(dump_yaml(cfg)),
+        identity=np.array(json.dumps(identity)),
     )  # fmt: skip
-    title = f"{ckpt.name} {view_name} {views.temporal_mode} ({views.fuse})"
+    title = f"{ckpt.name} {cfg.model.name} {view_name} {views.temporal_mode} ({views.fuse})"
     write_reports(out, result.labels, result.scores, class_names, {**result.metrics, **meta}, title)
     head = [
         ("views", f"{view_name} {views.temporal_mode}{' full-res' if views.full_res else ''}"),
@@ -202,6 +350,7 @@ def report_checkpoint_result(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         description="Multi-view testing of a checkpoint, or fusion of score dumps (--fuse A.npz B.npz ...).",
         epilog="Dotted overrides such as --data.device=cpu or --eval.full_res=true apply after the config.",
     )
@@ -221,6 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), help="autocast dtype (default: train.amp)")
     p.add_argument(
         "--weights", default="model", choices=("model", "ema"), help="which weights of the checkpoint"
+    )
+    p.add_argument(
+        "--allow-config-mismatch", action="store_true",
+        help="evaluate even when the checkpoint was trained as another model (model.name/depth/...)",
+    )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace another evaluation's dump at the output path"
+    )
+    p.add_argument(
+        "--progress-every", type=float, default=10.0, metavar="S", help="seconds between progress lines"
     )
     return p
 

@@ -40,12 +40,21 @@ from engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from engine.config import Config, ConfigError, dump_yaml, load_config, split_cli, to_dict
+from engine.config import (
+    Config,
+    ConfigError,
+    DefaultsHelpFormatter,
+    dump_yaml,
+    load_config,
+    split_cli,
+    to_dict,
+)
 from engine.distributed import DistInfo, all_gather_objects, init_distributed
 from engine.fileio import atomic_write_text
 from engine.metrics_log import LogWindow, MetricsLog, provenance
 from engine.optim import ModelEMA, build_optimizer, build_scheduler, scaled_lr
 from engine.plot import save_run_curves
+from engine.progress import log_console
 from engine.scoring import evaluate_model
 from engine.step import NonFiniteLossError, TrainStep, all_finite
 
@@ -90,7 +99,7 @@ def train(cfg: Config, resume: str = "") -> dict:
     info = setup_process(cfg)
     out_dir = Path(cfg.train.out_dir)
     ckpt_path = resolve_resume(resume, out_dir)
-    console = Console(stderr=True, quiet=not info.is_main)
+    console = log_console(stderr=True, quiet=not info.is_main)  # log files: no 80-column cut
 
     # data: one loader per rank (imported late: `--print-config` works without DALI)
     from dali_pipes.loader import build_loader
@@ -155,7 +164,7 @@ def train_epoch(run: Run, epoch: int, first: int, data_state: dict | None) -> bo
         loader.load_state_dict(data_state)
     n_batches = len(loader)
     task = progress.add_task("", total=n_batches, completed=first, epoch=epoch + 1, stats="")
-    i = first
+    i, start_step = first, run.step
     for batch in run.window.timed(loader):
         if i % accum == 0:
             stepper.begin()
@@ -173,6 +182,8 @@ def train_epoch(run: Run, epoch: int, first: int, data_state: dict | None) -> bo
             path = save(run, epoch, i)
             run.console.print(f"stopped at step {run.step} as asked (train.stop_at_step); checkpoint {path}")
             return True
+    if no_log_this_epoch(run, start_step):
+        log_train(run, task, i, n_batches)
     progress.remove_task(task)
     counts = all_gather_objects(i - first)
     run.batches_per_rank.append(counts)
@@ -330,6 +341,13 @@ def log_train(run: Run, task: int, i: int, n_batches: int) -> None:
     run.window.reset()
 
 
+def no_log_this_epoch(run: Run, start_step: int) -> bool:
+    """The epoch made steps but none was a log step (epochs shorter than train.log_every): then its end
+    logs the loss, so every epoch has a training loss line. The same answer on every rank (no sync)."""
+    every = run.cfg.train.log_every
+    return run.step > start_step and run.step // every == start_step // every
+
+
 def save(run: Run, next_epoch: int, batch_in_epoch: int) -> Path | None:
     """Checkpoint after `run.step` (all ranks call it: RNG states are gathered). Refuses NaN weights."""
     run.stepper.guard.check(run.epoch, run.last_ckpt)
@@ -399,7 +417,11 @@ def finish(run: Run, epochs_done: int, stopped: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = split_cli(argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter,
+        epilog="Config keys are overridden with --section.key=value; --print-config shows every value with "
+        "the defaults filled in (README.md: the config reference).",
+    )  # fmt: skip
     parser.add_argument("config", help="YAML config (configs/*.yaml)")
     parser.add_argument("--resume", default="", help="auto (newest checkpoint in train.out_dir) or a path")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from engine.config import ConfigError, DataConfig, load_config, split_cli
+from engine.config import ConfigError, DataConfig, DefaultsHelpFormatter, load_config, split_cli
 
 from .listfile import ListFileError, read_list
 from .loader import ClipLoader, build_loader, sampling_options
@@ -273,7 +273,10 @@ def save_plot(results: list[Result], title: str, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = split_cli(argv)
-    parser = argparse.ArgumentParser(prog="python -m dali_pipes.profile", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dali_pipes.profile", description=__doc__.splitlines()[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument("config")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per route")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first (build, worker start)")

@@ -1,6 +1,6 @@
 """Which frames make a clip: pure functions of (num_frames, split, options, seed, epoch, sample id).
 
-The semantics and names follow shared/reference/sampling.md (TSM/TAM/CT-Net/TDN `ops/dataset.py`,
+The semantics and names are documented in docs/DATA.md "Frame sampling" (TSM/TAM/CT-Net/TDN `ops/dataset.py`,
 MMAction2 `SampleFrames`/`DenseSampleFrames`). Indices are 0-based. Every random draw comes from a
 generator seeded with (seed, epoch, sample id, purpose), so a resumed or re-sharded run draws the
 same clips. No DALI here: everything is numpy and unit-testable by hand.

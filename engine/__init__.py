@@ -11,6 +11,7 @@
     metrics_log.py    metrics.jsonl, TensorBoard, provenance
     scoring.py        multi-view scoring across ranks, view fusion, top-k / mean-class metrics
     reports.py        score dumps, reports and plots of a test run, fusion of dumps
+    progress.py       progress lines and a wide console for logs (evaluate, prep, train)
 
 See docs/ARCHITECTURE.md for the data flow from prep/ to train.py and evaluate.py.
 """

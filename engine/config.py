@@ -8,6 +8,8 @@ YAML files load strictly into small dataclasses: an unknown key, a wrong type or
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
 import difflib
 import re
@@ -139,7 +141,7 @@ class TrainConfig:
     ema: float = 0.0  # weight EMA decay (0 = off)
     ckpt_every: int = 1  # epochs between checkpoints (always one at the end)
     eval_every: int = 1  # epochs between validations (0 = never)
-    log_every: int = 20  # steps between log lines (the only host syncs)
+    log_every: int = 20  # steps between log lines (the only host syncs); an epoch without one logs at its end
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
     seed: int = 0
     stop_at_step: int = 0  # end this job after this optimizer step with a checkpoint (0: run all epochs)
@@ -231,6 +233,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
         return value
     if tp is str:
+        if value is None:
+            raise ConfigError(f"{where}: expected a string, got null (write '' for none)")
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
         return value
@@ -264,21 +268,86 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+def _field_type(parts: list[str]) -> Any:
+    """The annotation of the dotted field `parts` in Config, or None where no such field exists."""
+    tp: Any = Config
+    for part in parts:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _override_value(parts: list[str], text: str) -> Any:
+    """Parse one override's value; a string field takes the text as written, and empty/null clears it.
+
+    The command line has no types, so `--train.out_dir=2024` means the folder "2024", and
+    `--model.pretrained=` (or `=""`, `=null`) means no pretrained file, not a type error.
+    """
+    value = _parse_scalar(text)
+    if _field_type(parts) is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, list, dict)):
+            return text
+    return value
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `--a.b=value` (or `a.b=value`) overrides onto the raw mapping, key names checked later."""
     for item in overrides:
         text = item[2:] if item.startswith("--") else item
         if "=" not in text:
-            raise ConfigError(f"override '{item}' must look like --section.key=value")
+            raise ConfigError(f"command line: {item}: an override must look like --section.key=value")
         dotted, value = text.split("=", 1)
         parts = dotted.split(".")
         node = raw
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = _parse_scalar(value)
+                raise ConfigError(f"command line: {item}: '{part}' is not a section")
+        node[parts[-1]] = _override_value(parts, value)
     return raw
+
+
+def build_config(raw: dict, overrides: list[str] | None = None, source: str | None = None) -> Config:
+    """Validate `raw` (read from `source`), then each override; every error names where its value came from.
+
+    A bad key or value in the file names the file; one given on the command line names that override
+    (`command line: --optim.lrr=1: unknown key 'optim.lrr' ...`), never the file it was not in.
+    """
+    prefix = f"{source}: " if source else ""
+    try:
+        _build(Config, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+    base = copy.deepcopy(raw)
+    for item in overrides or []:
+        apply_overrides(raw, [item])
+        try:
+            _build(Config, raw, "")
+        except ConfigError as e:
+            raise ConfigError(f"command line: {item}: {e}") from None
+    cfg = _build(Config, raw, "")
+    try:
+        check_config(cfg)
+    except ConfigError as e:
+        raise ConfigError(_blame_check(e, base, overrides or [], prefix)) from None
+    return cfg
+
+
+def _blame_check(error: ConfigError, base: dict, overrides: list[str], prefix: str) -> str:
+    """A value check that fails: the file's fault if the file alone fails it too, else the overrides'."""
+    try:
+        check_config(_build(Config, base, ""))
+        alone = ""
+    except ConfigError as e:
+        alone = str(e)
+    if not overrides or alone == str(error):
+        return f"{prefix}{error}"
+    keys = [o[2:] if o.startswith("--") else o for o in overrides]
+    named = [o for o, k in zip(overrides, keys, strict=True) if k.split("=", 1)[0] in str(error)]
+    return f"command line: {' '.join(named or overrides)}: {error}"
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -297,13 +366,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    raw = apply_overrides(raw, list(overrides or []))
-    try:
-        cfg = _build(Config, raw, "")
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
-    check_config(cfg)
-    return cfg
+    return build_config(raw, list(overrides or []), None if path is None else str(path))
 
 
 _CHOICES = {
@@ -376,6 +439,16 @@ def from_dict(raw: dict) -> Config:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` of every command shows each option's default, except unset ones (None, False, "")
+    and those whose help text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, "") or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
 
 
 def split_cli(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -2,6 +2,8 @@
 
 A temp file in the target's folder, flushed and fsynced, then `os.replace`: readers (and a crash
 mid-write) never see a half-written file, and an existing good file is only ever replaced whole.
+The result gets the mode a plain `open()` would give (0o666 minus the umask, 0644 under umask 022),
+not mkstemp's private 0600, so teammates on a shared cluster can read lists and checkpoints.
 """
 
 from __future__ import annotations
@@ -11,6 +13,20 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only swap it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: swap and restore (a brief window other threads could see)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = True) -> Path:
@@ -24,6 +40,7 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = T
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -72,14 +72,10 @@ def write_reports(
     title: str,
 ) -> list[Path]:
     """Next to the dump <out>.npz: <out>.metrics.json, .per_class.csv, .confusion.csv and .confusion.png."""
-    stem = Path(out).with_suffix("")
     num_classes = scores.shape[1]
     names = class_names or [str(c) for c in range(num_classes)]
     cm = confusion_matrix(labels, scores.argmax(axis=1), num_classes)
-    paths = [
-        Path(f"{stem}.{suffix}")
-        for suffix in ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png")
-    ]
+    paths = report_paths(out)
 
     atomic_write(paths[0], lambda f: f.write(json.dumps(metrics, indent=2) + "\n"), binary=False)
 
@@ -97,6 +93,12 @@ def write_reports(
     atomic_write(paths[2], confusion, binary=False)
     atomic_write(paths[3], lambda f: plot_confusion(cm, names, title, f))
     return paths
+
+
+def report_paths(out: Path) -> list[Path]:
+    """The reports beside dump <out>.npz: .metrics.json, .per_class.csv, .confusion.csv, .confusion.png."""
+    stem = Path(out).with_suffix("")
+    return [Path(f"{stem}.{s}") for s in ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png")]
 
 
 ANNOTATE_UP_TO = 30  # classes: beyond this, counts in the cells and full names no longer fit
@@ -150,14 +152,15 @@ def plot_confusion(cm: np.ndarray, names: list[str], title: str, f: io.IOBase) -
 
 
 def print_table(rows: list[tuple[str, str]], title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from engine.progress import log_console
 
     table = Table(title=title)
     for name, _ in rows:
         table.add_column(name, justify="right", no_wrap=True)
     table.add_row(*(value for _, value in rows))
-    Console().print(table)
+    log_console().print(table)
 
 
 def metric_rows(metrics: dict) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,12 +129,15 @@ def evaluate_model(
     fuse: str = "logits",
     amp: str = "bf16",
     channels_last: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Score every view of every video the loader yields (all ranks together), fuse views, measure.
 
     Batches are {"clips": (N, V, ...) or a single-view (N, ...), "labels": (N,), "ids": (N,)}. The V views
     are folded into the batch (N*V clips through the model at once) and unfolded from the logits.
-    Logits stay on the device until the end, so the loop has no host syncs.
+    Logits stay on the device until the end, so the loop has no host syncs. `progress(batches, videos)`
+    is called after each batch with this rank's counts so far (shapes only: no sync); the caller decides
+    what to print, the library prints nothing.
     """
     if fuse not in FUSE_MODES:
         raise ValueError(f"fuse must be one of {', '.join(FUSE_MODES)}, got {fuse!r}")
@@ -145,6 +148,7 @@ def evaluate_model(
     layout = getattr(net, "layout", "NTCHW")
     amp_context = autocast(device, amp)
     ids, labels, logits = [], [], []
+    videos = 0
     start = time.perf_counter()
     try:
         for batch in loader:
@@ -167,6 +171,9 @@ def evaluate_model(
             logits.append(out.float().view(n, v, num_classes))
             ids.append(batch["ids"].reshape(-1))
             labels.append(batch["labels"].reshape(-1))
+            videos += n
+            if progress is not None:
+                progress(len(logits), videos)
     finally:
         net.train(was_training)
     if logits:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import save_checkpoint
-from engine.config import ModelConfig
+from engine.config import DefaultsHelpFormatter, ModelConfig
 
 Rule = tuple[str, str]  # (regex, replacement) applied with re.sub, in order
 
@@ -520,6 +520,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m models.convert",
         description="Convert an official checkpoint (TSM, TAM, CT-Net, MSN, TDN, MMAction2, torchvision) "
         "into this package's layout. See docs/CHECKPOINTS.md.",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("src", help="official checkpoint (.pth, .pth.tar)")
     p.add_argument("dst", help="output file ({'model', 'meta'}), written atomically")

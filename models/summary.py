@@ -18,7 +18,7 @@ import sys
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
+from engine.config import DefaultsHelpFormatter, ModelConfig
 from models import MODELS
 
 # (name, depth) -> (params at 400 classes, params at 174 classes, GMACs per clip), from models.md.
@@ -117,7 +117,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument("--depth", type=int, default=50, help="ResNet depth for every model (default 50)")
     parser.add_argument("--models", nargs="*", help=f"subset of {', '.join(MODELS)}")
     args = parser.parse_args(argv)

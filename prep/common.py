@@ -22,6 +22,7 @@ from rich.progress import (
 )
 
 from engine.fileio import atomic_write_text  # noqa: F401  (re-exported for the prep tools)
+from engine.progress import ProgressLines
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -76,14 +77,29 @@ def parallel_map(
     description: str,
     threads: bool = False,
     quiet: bool = False,
+    unit: str = "files",
 ) -> Iterator[tuple[T, R]]:
-    """Yield (item, fn(item)) as results arrive (any order), with a rich progress bar and ETA.
+    """Yield (item, fn(item)) as results arrive (any order), with a rich progress bar and ETA on a
+    terminal, and plain progress lines every ~10 s (engine.progress) when stdout is a file or a pipe.
 
     `threads=True` for work that runs in subprocesses (ffmpeg); processes for Python/PyAV work.
     `fn` must be a module-level function when processes are used. With jobs == 1 it runs inline,
     which keeps tracebacks simple and tests fast.
     """
     todo = list(items)
+    if quiet or not todo or sys.stdout.isatty():
+        yield from _parallel_map(fn, todo, jobs, description, threads, quiet)
+        return
+    lines = ProgressLines(description, len(todo), unit)
+    for done, pair in enumerate(_parallel_map(fn, todo, jobs, description, threads, quiet=True), start=1):
+        lines.update(done)
+        yield pair
+
+
+def _parallel_map(
+    fn: Callable[[T], R], todo: list[T], jobs: int, description: str, threads: bool, quiet: bool
+) -> Iterator[tuple[T, R]]:
+    """parallel_map with the rich bar (or nothing, when quiet)."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -22,10 +22,12 @@ import json
 import os
 import random
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.config import DefaultsHelpFormatter
 from prep.common import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -90,8 +92,39 @@ def _require(path: Path, what: str) -> Path:
 # ------------------------------------------------------------------------------------------ kinetics
 
 
+def read_classes(path: Path) -> list[str]:
+    """A classes.txt (line i = the name of label i, as prep.lists writes it); blank lines skipped."""
+    names = [line.strip() for line in _require(path, "classes file").read_text(encoding="utf-8").splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise UserError(f"{path}: no class names")
+    repeated = [n for n, k in Counter(names).items() if k > 1]
+    if repeated:
+        raise UserError(f"{path}: class {repeated[0]!r} appears more than once")
+    return names
+
+
+def kinetics_classes(rows: list[tuple[str, dict]], classes_file: Path | None) -> list[str]:
+    """Class ids: the order of --classes when given (so a val-only run numbers classes as the full run
+    did), else the sorted names found in the CSVs, with a warning when no train rows are among them."""
+    found = sorted({row["label"] for _, row in rows})
+    if classes_file is None:
+        if rows and not any(row["split"] == "train" for _, row in rows):
+            print(f"warning: class ids are the positions of the {len(found)} label names in these CSVs only "
+                  "(no train rows): if a class is absent, ids differ from a list made with the train CSV; "
+                  "pass --classes DIR/classes.txt from that run", file=sys.stderr)  # fmt: skip
+        return found
+    classes = read_classes(classes_file)
+    known = set(classes)
+    for where, row in rows:
+        if row["label"] not in known:
+            raise UserError(f"{where}: label {row['label']!r} is not in {classes_file}"
+                            + _did_you_mean(row["label"], classes))  # fmt: skip
+    return classes
+
+
 def kinetics_samples(
-    csv_files: list[Path], videos: Path
+    csv_files: list[Path], videos: Path, classes_file: Path | None = None
 ) -> tuple[list[Sample], list[str], list[dict], list[str]]:
     """Rows of the official Kinetics CSVs -> samples; also returns classes, rows without a video, fields."""
     rows: list[tuple[str, dict]] = []
@@ -114,7 +147,7 @@ def kinetics_samples(
                 if not SPLIT_NAME.fullmatch(row.get("split") or "") or row["split"] == "classes":
                     raise UserError(f"{where}: split {row.get('split')!r} cannot name a list file")
                 rows.append((where, row))
-    classes = sorted({row["label"] for _, row in rows})
+    classes = kinetics_classes(rows, classes_file)
     label_of = {name: i for i, name in enumerate(classes)}
     index = index_by_stem(videos)
     samples, no_video = [], []
@@ -329,8 +362,12 @@ def write_missing_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m prep.lists", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m prep.lists", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="dataset", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, formatter_class=DefaultsHelpFormatter)
 
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--out", type=Path, required=True, help="folder for <split>.txt, classes.txt, reports")
@@ -339,24 +376,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="count decoded frames (exact) or demuxed packets (faster)")  # fmt: skip
         q.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    k = sub.add_parser("kinetics", help="official CSVs label,youtube_id,time_start,time_end,split")
+    k = add("kinetics", help="official CSVs label,youtube_id,time_start,time_end,split")
     k.add_argument("--csv", type=Path, nargs="+", required=True, help="train.csv validate.csv ...")
     k.add_argument("--videos", type=Path, required=True,
                    help="folder (searched recursively) of {youtube_id}_{start:06d}_{end:06d}.*")  # fmt: skip
+    k.add_argument("--classes", type=Path, default=None,
+                   help="classes.txt fixing the class ids (line i = label i), e.g. from the run on the train "
+                   "CSV; default: the sorted label names of the CSVs given")  # fmt: skip
     common(k)
-    v2 = sub.add_parser("sthv2", help="Something-Something V2 labels/train/validation JSON + <id>.webm")
+    v2 = add("sthv2", help="Something-Something V2 labels/train/validation JSON + <id>.webm")
     v2.add_argument(
         "--annotations", type=Path, required=True, help=f"folder with {', '.join(STHV2_FILES.values())}"
     )
     v2.add_argument("--videos", type=Path, required=True, help="folder of <id>.webm (or resized <id>.<ext>)")
     common(v2)
-    v1 = sub.add_parser("sthv1", help="Something-Something V1 ';' CSVs + JPEG frame folders <id>/00001.jpg")
+    v1 = add("sthv1", help="Something-Something V1 ';' CSVs + JPEG frame folders <id>/00001.jpg")
     v1.add_argument(
         "--annotations", type=Path, required=True, help=f"folder with {', '.join(STHV1_FILES.values())}"
     )
     v1.add_argument("--frames", type=Path, required=True, help="folder of <id>/ frame folders")
     common(v1)
-    f = sub.add_parser("folders", help="class-per-folder trees (UCF101 / HMDB style)")
+    f = add("folders", help="class-per-folder trees (UCF101 / HMDB style)")
     f.add_argument("--root", type=Path, required=True, help="ROOT/<class>/<video or frame folder>")
     f.add_argument("--splits", nargs="+", default=[],
                    help="split folder names: ROOT/<split>/<class>/... -> <split>.txt")  # fmt: skip
@@ -371,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     problems: list[str] = []
     if args.dataset == "kinetics":
-        samples, classes, no_video, fields = kinetics_samples(args.csv, args.videos)
+        samples, classes, no_video, fields = kinetics_samples(args.csv, args.videos, args.classes)
         write_missing_csv(args.out / "missing.csv", fields, no_video)
         if no_video:
             print(

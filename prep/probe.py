@@ -2,7 +2,7 @@
 
 Frame counts come from what a decoder really delivers (`count="decode"`, the default) or from the
 demuxed video packets (`count="packets"`, ~10x faster, equal for ordinary files); never from the
-container's header estimate, which is often wrong for web videos (see shared/reference/sampling.md).
+container's header estimate, which is often wrong for web videos (see docs/DATA.md "Frame sampling").
 Problems that make a file unusable raise `ProbeError(kind, detail)`; `kind` is one of the names that
 prep.validate reports.
 """

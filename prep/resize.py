@@ -9,12 +9,16 @@ Sub-folders are kept; DST/<rel>.<ext> where ext follows the codec (h264 .mp4, vp
 Each output is written to a hidden temp file and renamed when ffmpeg succeeded, so an interrupted run is
 resumed by running the same command again: finished outputs are skipped, leftover temp files redone.
 Sources are only read. Failures do not stop the run; they are collected in DST/resize-report*.tsv.
+DST/resize-options.json records the options the outputs were made with: a rerun with other options
+(a new --short-side, codec, gop, fps, crf or preset) is refused naming them, instead of keeping old
+outputs that do not match; `--force` re-encodes every output with the new options.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import ffmpeg
 
+from engine.config import DefaultsHelpFormatter
 from prep.common import (
     VIDEO_EXTENSIONS,
     UserError,
@@ -191,6 +196,52 @@ def check_folders(src: Path, dst: Path) -> None:
         raise UserError(f"SRC {src} is inside DST {dst}: outputs could land among the sources")
 
 
+OPTIONS_FILE = "resize-options.json"
+RECORDED = ("short_side", "codec", "gop", "fps", "crf", "preset")  # what changes the outputs (not threads)
+
+
+def recorded_options(opts: Options) -> dict:
+    return {key: getattr(opts, key) for key in RECORDED}
+
+
+def prepare_options(dst: Path, opts: Options, force: bool) -> float:
+    """Check DST's options record against this run's; returns the time before which outputs are stale.
+
+    Outputs count as finished only when newer than the record (the same filesystem clock), so after a
+    --force (which rewrites the record) every older output is re-encoded, also by other --shard jobs and
+    by a rerun after an interruption. A record with other options, or outputs without any record (an
+    older prep.resize), is refused unless --force.
+    """
+    sidecar = dst / OPTIONS_FILE
+    wanted = recorded_options(opts)
+    old = read_options(sidecar)
+    if not force:
+        if old is not None and old != wanted:
+            diffs = [f"--{k.replace('_', '-')} {old.get(k)} (now {wanted[k]})" for k in RECORDED
+                     if old.get(k) != wanted[k]]  # fmt: skip
+            raise UserError(
+                f"{dst} holds outputs made with {', '.join(diffs)} ({sidecar}): pass --force to re-encode "
+                "them with the new options (sources are never touched), or choose another DST"
+            )
+        if old is None and dst.is_dir() and find_sources(dst):
+            raise UserError(
+                f"{dst} holds videos but no {OPTIONS_FILE} saying how they were made: pass --force to "
+                "re-encode them with these options, or choose another DST"
+            )
+    if force or old is None:
+        atomic_write_text(sidecar, json.dumps(wanted, indent=1) + "\n")
+    return sidecar.stat().st_mtime
+
+
+def read_options(sidecar: Path) -> dict | None:
+    if not sidecar.is_file():
+        return None
+    try:
+        return json.loads(sidecar.read_text())
+    except ValueError as e:
+        raise UserError(f"{sidecar}: not valid JSON ({e}); --force re-encodes and rewrites it") from None
+
+
 def report_path(dst: Path, shard: tuple[int, int]) -> Path:
     k, n = shard
     return dst / ("resize-report.tsv" if n == 1 else f"resize-report.shard-{k}-of-{n}.tsv")
@@ -198,6 +249,7 @@ def report_path(dst: Path, shard: tuple[int, int]) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="python -m prep.resize",
         description="Re-encode every video under SRC into DST (same sub-folders) with a given short side, "
         "constant frame rate and a keyframe every --gop frames. Resumable: rerun the same command.",
@@ -215,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=positive_int, default=default_jobs(), help="parallel ffmpeg processes")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="only shard K of N (K from 1): N machines split one dataset")  # fmt: skip
+    p.add_argument("--force", action="store_true",
+                   help=f"re-encode existing outputs (needed when DST/{OPTIONS_FILE} records other options)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -237,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--crf for {args.codec} must be in {low}..{high}, got {crf}")
     threads = max(1, default_jobs() // args.jobs)
     opts = Options(args.short_side, args.codec, args.gop, args.fps, crf, args.preset, threads)
+    stale_before = prepare_options(args.dst, opts, args.force)
 
     failures: list[tuple[str, str]] = []
     jobs: list[Job] = []
@@ -251,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             failures.append((rel.as_posix(), f"same output {out} as {claimed[out]}: rename one of them"))
             continue
         claimed[out] = rel.as_posix()
-        if out.exists():
+        if out.exists() and out.stat().st_mtime >= stale_before:
             skipped += 1
             continue
         jobs.append(Job(src, out, rel.as_posix()))

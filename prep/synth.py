@@ -29,6 +29,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from engine.config import DefaultsHelpFormatter
 from prep.common import UserError, atomic_write_text, default_jobs, parallel_map, positive_int, run_cli
 from prep.probe import ProbeError, probe_video
 
@@ -281,7 +282,8 @@ def generate(out: Path, opts: SynthOptions, jobs: int, quiet: bool = False) -> b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m prep.synth", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m prep.synth", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)  # fmt: skip
     p.add_argument("out", type=Path, metavar="OUT", help="output folder (created)")
     p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES),
                    help=f"subset/order of: {' '.join(DEFAULT_CLASSES)}")  # fmt: skip

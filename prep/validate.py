@@ -26,6 +26,7 @@ from pathlib import Path
 
 import av
 
+from engine.config import DefaultsHelpFormatter
 from prep.common import (
     IMAGE_EXTENSIONS,
     UserError,
@@ -170,6 +171,7 @@ def clean_list_path(list_path: Path) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="python -m prep.validate",
         description="Test-decode every entry of a list; write LIST.bad and a cleaned list.",
     )

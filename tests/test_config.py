@@ -53,6 +53,42 @@ def test_overrides(tmp_path):
         load_config(p, ["--optim.lr"])
 
 
+def test_override_errors_name_the_command_line_not_the_file(tmp_path):
+    p = write(tmp_path, "optim:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"^command line: --optim.lrr=1: unknown key 'optim.lrr'") as e:
+        load_config(p, ["--train.epochs=3", "--optim.lrr=1"])
+    assert str(p) not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^command line: --train.epochs=x: train.epochs: expected an int"):
+        load_config(p, ["--train.epochs=x"])
+    with pytest.raises(ConfigError, match=r"^command line: --data.sampling=dens: data.sampling: 'dens'"):
+        load_config(p, ["--optim.lr=1", "--data.sampling=dens"])
+    with pytest.raises(ConfigError, match=r"^command line: --optim.lr: an override must look like"):
+        load_config(p, ["--optim.lr"])
+    bad = write(tmp_path, "optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: unknown key 'optim.lrr'"):
+        load_config(bad, ["--optim.lr=1"])
+    mismatch = write(tmp_path, "data:\n  num_segments: 16\n")  # the file alone fails a value check
+    with pytest.raises(ConfigError, match=rf"^{mismatch}: model.num_segments \(8\) differs"):
+        load_config(mismatch, ["--optim.lr=1"])
+    assert load_config(mismatch, ["--model.num_segments=16"]).model.num_segments == 16  # fixed by an override
+    with pytest.raises(ConfigError, match=r"^command line: --model.num_segments=4: model.num_segments \(4\)"):
+        load_config(None, ["--optim.lr=1", "--model.num_segments=4"])
+
+
+@pytest.mark.parametrize("value", ["", '""', "''", "null", "~"])
+def test_override_clears_a_string_key(tmp_path, value):
+    p = write(tmp_path, "model:\n  pretrained: weights/resnet50.pth\n")
+    assert load_config(p).model.pretrained == "weights/resnet50.pth"
+    assert load_config(p, [f"--model.pretrained={value}"]).model.pretrained == ""
+
+
+def test_string_override_keeps_the_text_as_written(tmp_path):
+    cfg = load_config(None, ["--train.out_dir=2024", "--data.root=1e3"])
+    assert cfg.train.out_dir == "2024" and cfg.data.root == "1e3"
+    with pytest.raises(ConfigError, match=r"pretrained: expected a string, got null \(write .. for none\)"):
+        load_config(write(tmp_path, "model:\n  pretrained:\n"))
+
+
 def test_round_trip_and_cli_split():
     cfg = load_config(None, ["--model.depth=18"])
     assert from_dict(to_dict(cfg)) == cfg

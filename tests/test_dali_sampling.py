@@ -1,4 +1,4 @@
-"""Sampler cases computed by hand from shared/reference/sampling.md (0-based indices)."""
+"""Sampler cases computed by hand from the rules in docs/DATA.md "Frame sampling" (0-based indices)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,11 @@ import pytest
 import torch
 
 import evaluate
+from dali_pipes.listfile import read_list
 from engine import reports, scoring
 from engine.checkpoint import checkpoint_name, save_checkpoint
 from engine.config import load_config, to_dict
+from engine.fileio import current_umask
 from models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +53,7 @@ def demo_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(root / "run" / checkpoint_name(1, 1), state)
 
 
-@pytest.mark.slow  # ~25 s on 2 cores: two torchrun processes and one in-process run build DALI pipelines
+@pytest.mark.slow  # two torchrun launches (one scores, one is refused) and an in-process run: DALI pipelines
 def test_two_ranks_score_every_video_once_and_match_one_process(demo_checkpoint, tmp_path):
     two = tmp_path / "two.npz"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -65,6 +68,11 @@ def test_two_ranks_score_every_video_once_and_match_one_process(demo_checkpoint,
     assert dump["class_names"].tolist() == ["move_left", "move_right", "grow"]
     assert json.loads((tmp_path / "two.metrics.json").read_text())["videos"] == 3
     assert (tmp_path / "two.confusion.png").stat().st_size > 0
+    # another view setting into the same --out: both ranks stop before scoring (no rank left waiting)
+    other = [*cmd[: cmd.index("--views")], "--views", "1x1", "--out", str(two)]
+    refused = subprocess.run(other, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "holds another evaluation's outputs" in refused.stderr, refused.stderr
+    assert reports.load_dump(two)["view_logits"].shape == (3, 6, 3)
 
     # In this process (world 1): the centre crop of both clips, softmax fusion, the run folder as checkpoint
     # (newest checkpoint in it), and a stored model.pretrained that must not be loaded (it does not exist).
@@ -99,4 +107,49 @@ def test_cli_errors_name_the_problem(demo_checkpoint, tmp_path, capsys):
     )
     assert "'twice' gives 2 clip(s)" in capsys.readouterr().err
     assert evaluate.main(["--checkpoint", str(demo_checkpoint), "--model.name=tam"]) == 2
-    assert "weights do not fit" in capsys.readouterr().err
+    assert "trained as another model: model.name 'tsm' in the checkpoint, 'tam' configured" in (
+        capsys.readouterr().err
+    )
+
+
+def test_weight_mismatches_are_one_line(demo_checkpoint, capsys):
+    argv = ["--checkpoint", str(demo_checkpoint), "--allow-config-mismatch"]
+    assert evaluate.main([*argv, "--model.num_classes=5"]) == 2
+    err = capsys.readouterr().err
+    one_line = (r"weights do not fit .*: 2 shape mismatches \(checkpoint vs model\): \S*fc\.weight "
+                r"\(3, \d+\) vs \(5, \d+\), \S*fc\.bias \(3,\) vs \(5,\)$")  # fmt: skip
+    assert re.search(one_line, err.strip()), err
+    assert evaluate.main([*argv, "--model.name=tam"]) == 2  # TAM has weights TSM lacks: dozens of keys
+    err = capsys.readouterr().err.strip()
+    assert re.search(r": \d+ missing: \S+, \S+, \S+, \.\.\. \d+ more$", err) and "\n" not in err, err
+
+
+def test_mismatch_refused_unless_allowed_and_outputs_never_overwritten(demo_checkpoint, tmp_path, capsys):
+    """A tsn config fits a tsm checkpoint's weights: refused unless told; outputs are named by model and
+    views, and another evaluation's dump is never replaced without --overwrite."""
+    ckpt = tmp_path / "run" / demo_checkpoint.name
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(demo_checkpoint.read_bytes())
+    base = ["--checkpoint", str(ckpt), "--views=1x1", "--progress-every=0"]
+    assert evaluate.main([*base, "--model.name=tsn"]) == 2
+    err = capsys.readouterr().err
+    assert "model.name 'tsm' in the checkpoint, 'tsn' configured" in err and "--allow-config-mismatch" in err
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name]  # refused before writing anything
+
+    assert evaluate.main([*base, "--model.name=tsn", "--allow-config-mismatch"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluate: 3/3 videos (100%)" in out  # a progress line, though stdout is not a terminal
+    tsn = ckpt.parent / f"eval_{ckpt.stem}_tsn_1x1_centres.npz"
+    dump = reports.load_dump(tsn)
+    listed = read_list(demo_checkpoint.parents[1] / "data" / "val.txt")
+    assert dump["paths"].tolist() == [e.path for e in listed]  # ids 0, 1, 2: the list's videos in order
+    assert all(Path(p).is_file() for p in dump["paths"])
+    before = tsn.read_bytes()
+
+    assert evaluate.main([*base, "--out", str(tsn)]) == 2  # the tsm evaluation may not replace the tsn one
+    err = capsys.readouterr().err
+    assert f"{tsn} holds another evaluation's outputs (model.name 'tsn' there, 'tsm' now)" in err
+    assert tsn.read_bytes() == before
+    assert evaluate.main([*base, "--out", str(tsn), "--overwrite"]) == 0
+    assert json.loads(str(reports.load_dump(tsn)["identity"]))["model.name"] == "tsm"
+    assert oct(tsn.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())

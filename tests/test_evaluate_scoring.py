@@ -88,6 +88,37 @@ def test_unsorted_and_duplicate_ids_are_scored_once_in_id_order():
     assert result.ids.tolist() == [0, 2, 3, 4, 5] and result.metrics["videos"] == 5
 
 
+def test_progress_callback_sees_every_batch_and_lines_report_rate_and_eta(capsys, monkeypatch):
+    calls = []
+    result = scoring.evaluate_model(
+        FlatNet(), fake_loader(videos=5, views=2, batch=2), NUM_CLASSES, amp="fp32",
+        progress=lambda batches, videos: calls.append((batches, videos)),
+    )  # fmt: skip
+    assert calls == [(1, 2), (2, 4), (3, 5)] and result.metrics["videos"] == 5
+
+    from engine import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    lines = progress.ProgressLines("evaluate", total=40, unit="videos", every_s=10)
+    for done, t in [(4, 101.0), (8, 110.0), (12, 112.0), (40, 120.0)]:
+        now[0] = t
+        lines.update(done)
+    out = capsys.readouterr().out.splitlines()  # nothing at 1 s or 12 s; the 10 s mark and the end
+    assert out == [
+        "evaluate: 8/40 videos (20%)  0.8 videos/s  elapsed 0:10  eta 0:40",
+        "evaluate: 40/40 videos (100%)  2.0 videos/s  elapsed 0:20",
+    ]
+
+
+def test_tables_are_not_cut_at_80_columns_in_logs(capsys):
+    rows = [(f"column number {i}", f"{1000 + i}.00") for i in range(10)]  # ~170 columns
+    reports.print_table(rows, "a wide table")
+    out = capsys.readouterr().out
+    assert "…" not in out and max(map(len, out.splitlines())) > 120
+    assert all(name in out and value in out for name, value in rows)
+
+
 def test_wrong_output_width_and_empty_loader_are_clear_errors():
     with pytest.raises(ValueError, match=r"expected \(4, 9\).*num_classes"):
         scoring.evaluate_model(FlatNet(), fake_loader(4, 1, batch=4), 9, amp="fp32")
@@ -137,8 +168,8 @@ def test_reports_csv_and_png(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # temp files renamed away
 
 
-def _dump(path, ids, labels, view_logits, names=None):
-    reports.save_dump(path, np.asarray(ids), np.asarray(labels), names, view_logits=view_logits)
+def _dump(path, ids, labels, view_logits, names=None, **arrays):
+    reports.save_dump(path, np.asarray(ids), np.asarray(labels), names, view_logits=view_logits, **arrays)
     return path
 
 
@@ -148,8 +179,10 @@ def test_fusion_of_dumps_is_the_mean_of_the_dumps(tmp_path, mode):
     ids, labels = np.arange(6), rng.integers(0, 4, 6)
     a, b = rng.normal(size=(6, 3, 4)).astype(np.float32), rng.normal(size=(6, 1, 4)).astype(np.float32)
     order = rng.permutation(6)  # a dump's row order must not matter
-    pa = _dump(tmp_path / "a.npz", ids, labels, a, ["w", "x", "y", "z"])
-    pb = _dump(tmp_path / "b.npz", ids[order], labels[order], b[order])
+    paths = np.array([f"videos/v{i}.webm" for i in ids])
+    names = ["w", "x", "y", "z"]
+    pa = _dump(tmp_path / "a.npz", ids[order], labels[order], a[order], names, paths=paths[order])
+    pb = _dump(tmp_path / "b.npz", ids, labels, b)
     fused_ids, fused_labels, fused, names = reports.fuse_dumps([pa, pb], mode)
     expected = (scoring.fuse_views(a, mode) + scoring.fuse_views(b, mode)) / 2
     if mode == "softmax":
@@ -162,6 +195,7 @@ def test_fusion_of_dumps_is_the_mean_of_the_dumps(tmp_path, mode):
     assert evaluate.main(["--fuse", str(pa), str(pb), "--fuse-mode", mode, "--out", str(out)]) == 0
     saved = reports.load_dump(out)
     np.testing.assert_allclose(saved["scores"], expected, rtol=1e-5, atol=1e-6)
+    assert saved["paths"].tolist() == paths.tolist()  # the first dump's paths, in id order like the rest
     assert (tmp_path / "fused.confusion.png").is_file() and (tmp_path / "fused.per_class.csv").is_file()
     # a fused file fuses again (with the same mode): the mean of equal inputs is the input
     _, _, again, _ = reports.fuse_dumps([out, out], mode)

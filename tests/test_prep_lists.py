@@ -74,6 +74,32 @@ def test_kinetics(ffmpeg_available, tmp_path: Path) -> None:
         main(["kinetics", "--csv", str(ann / "test.csv"), "--videos", str(videos), "--out", str(out)])
 
 
+def test_kinetics_classes_file_fixes_the_ids_of_a_val_only_run(ffmpeg_available, tmp_path, capsys) -> None:
+    videos, out = tmp_path / "videos", tmp_path / "lists"
+    val = tmp_path / "validate.csv"
+    val.write_text("label,youtube_id,time_start,time_end,split\nair drumming,vvvvvvvvvvv,30,40,val\n")
+    clip(videos / "vvvvvvvvvvv_000030_000040.avi", 5)
+    argv = ["kinetics", "--csv", str(val), "--videos", str(videos), "--out", str(out), "--quiet",
+            "--jobs", "1"]  # fmt: skip
+    assert main(argv) == 0  # alone, the only class gets id 0, whatever the full run gave it
+    assert "warning: class ids are the positions of the 1 label names" in capsys.readouterr().err
+    assert read_list(out / "val.txt")[0][2] == 0
+
+    classes = tmp_path / "classes.txt"  # as the full run wrote it
+    classes.write_text("abseiling\nair drumming\npassing American football (in game)\n")
+    assert main([*argv, "--classes", str(classes)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert read_list(out / "val.txt")[0][2] == 1
+    assert (out / "classes.txt").read_text() == classes.read_text()
+
+    classes.write_text("abseiling\nair drums\n")
+    with pytest.raises(UserError, match=r"csv:2: label 'air drumming' is not in .*did you mean 'air drums'"):
+        main([*argv, "--classes", str(classes)])
+    classes.write_text("a\nb\na\n")
+    with pytest.raises(UserError, match=r"classes.txt: class 'a' appears more than once"):
+        main([*argv, "--classes", str(classes)])
+
+
 def test_sthv2(ffmpeg_available, tmp_path: Path) -> None:
     ann, videos, out = tmp_path / "ann", tmp_path / "20bn-something-something-v2", tmp_path / "lists"
     ann.mkdir()

@@ -110,6 +110,44 @@ def test_rerun_redoes_nothing_and_finishes_leftovers(source_tree: Path, tmp_path
     assert not list(dst.rglob("*.part")), "temp files must not survive"
 
 
+def test_other_options_are_refused_and_force_re_encodes(ffmpeg_available, tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for name in ("a", "b"):
+        write_clip(src / f"{name}.webm", num_frames=8, width=64, height=48)
+    before = tree_fingerprint(src)
+    argv = [str(src), str(dst), "--codec", "mjpeg", "--gop", "4", "--quiet", "--jobs", "1"]
+    assert main([*argv, "--short-side", "32"]) == 0
+    assert json.loads((dst / "resize-options.json").read_text())["short_side"] == 32
+    made = {p: p.stat().st_mtime_ns for p in dst.glob("*.avi")}
+    assert len(made) == 2
+
+    with pytest.raises(UserError, match=r"made with --short-side 32 \(now 24\), --crf 3 \(now 5\).*--force"):
+        main([*argv, "--short-side", "24", "--crf", "5"])
+    assert {p: p.stat().st_mtime_ns for p in dst.glob("*.avi")} == made  # refused: nothing redone
+    assert main([*argv, "--short-side", "32"]) == 0  # the same options: a resume, nothing redone
+    assert {p: p.stat().st_mtime_ns for p in dst.glob("*.avi")} == made
+
+    time.sleep(0.01)
+    assert main([*argv, "--short-side", "24", "--force"]) == 0
+    assert all(ffprobe_video(p)["streams"][0]["height"] == 24 for p in made)
+    assert json.loads((dst / "resize-options.json").read_text())["short_side"] == 24
+    assert tree_fingerprint(src) == before  # sources never touched
+    # a --force interrupted after one file: the rerun (no --force needed) redoes the stale one only
+    sidecar = dst / "resize-options.json"
+    old_first = dst / "a.avi"
+    os.utime(old_first, ns=(sidecar.stat().st_mtime_ns - 10**9,) * 2)  # as if left from before the --force
+    kept = (dst / "b.avi").stat().st_mtime_ns
+    assert main([*argv, "--short-side", "24"]) == 0
+    assert old_first.stat().st_mtime_ns > sidecar.stat().st_mtime_ns  # redone
+    assert (dst / "b.avi").stat().st_mtime_ns == kept
+
+    legacy = tmp_path / "legacy"  # outputs from before the options record: refused, --force redoes them
+    legacy.mkdir()
+    (legacy / "a.avi").write_bytes((dst / "a.avi").read_bytes())
+    with pytest.raises(UserError, match=r"holds videos but no resize-options.json"):
+        main([str(src), str(legacy), "--codec", "mjpeg", "--quiet"])
+
+
 def test_ctrl_c_then_resume(ffmpeg_available, tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     for i in range(6):

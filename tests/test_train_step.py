@@ -182,6 +182,21 @@ def test_fresh_start_refuses_existing_checkpoints_and_resume_auto_continues(memo
     assert steps == sorted(steps) and len(steps) == 8
 
 
+def test_epochs_shorter_than_log_every_still_log_a_loss_each_epoch(memory_data, tmp_path, capsys):
+    out = train.train(tiny_config(tmp_path, **{"train.log_every": 100, "train.eval_every": 0}))  # 4 steps
+    assert out["step"] == 8
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["step"], r["epoch"]) for r in records if r["kind"] == "train"]
+    assert logged == [(4, 1), (8, 2)]  # at each epoch's end
+    err = capsys.readouterr().err
+    assert "step 4 (epoch 1, 4/4)  loss " in err and "step 8 (epoch 2, 4/4)  loss " in err
+    cfg = tiny_config(tmp_path / "b", **{"train.log_every": 3, "train.eval_every": 0, "train.epochs": 1})
+    assert train.train(cfg)["step"] == 4
+    metrics = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in metrics]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [3]  # the epoch had a line: none extra
+
+
 def test_cli_print_config_and_errors(tmp_path, capsys):
     assert train.main(["configs/demo.yaml", "--print-config", "--optim.lr=0.123"]) == 0
     assert "lr: 0.123" in capsys.readouterr().out
