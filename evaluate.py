@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
-from torch import nn
 
 from engine.channels_last import model_channels_last
-from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights
 from engine.config import (
     Config,
     ConfigError,
@@ -36,6 +35,7 @@ from engine.config import (
     dump_yaml,
     get_dotted,
     load_config,
+    parse_views,
     split_cli,
 )
 from engine.distributed import all_gather_objects, init_distributed
@@ -46,6 +46,7 @@ from engine.reports import (
     load_dump,
     metric_rows,
     print_table,
+    read_class_names,
     report_paths,
     save_dump,
     write_reports,
@@ -85,15 +86,6 @@ def fuse_main(paths: list[str], mode: str, out: str | None) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def parse_views(text: str) -> tuple[int, int]:
-    """'3x10' -> (spatial crops, temporal clips)."""
-    try:
-        crops, clips = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"--views: expected CROPSxCLIPS such as 1x1, 3x2 or 3x10, got {text!r}") from None
-    return crops, clips
-
-
 def resolve_config(config_path: str | None, ckpt: dict, ckpt_path: str, overrides: list[str]) -> Config:
     """CONFIG when given, else the config stored in the training checkpoint; overrides apply to either."""
     if config_path is not None:
@@ -104,56 +96,6 @@ def resolve_config(config_path: str | None, ckpt: dict, ckpt_path: str, override
             "pass the CONFIG file before --checkpoint"
         )
     return build_config(copy.deepcopy(ckpt["config"]), overrides, f"{ckpt_path} (stored config)")
-
-
-def read_class_names(data_root: str, val_list: str, num_classes: int) -> list[str] | None:
-    """classes.txt from data.root or next to the list (line i = label i); None when absent or wrong length."""
-    for folder in dict.fromkeys(p for p in (data_root, str(Path(val_list).parent)) if p):
-        path = Path(folder) / "classes.txt"
-        if path.is_file():
-            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            if len(names) == num_classes:
-                return names
-            log.warning(
-                "%s has %d names, the model %d classes: using class indices", path, len(names), num_classes
-            )
-            return None
-    return None
-
-
-def load_model_weights(model: nn.Module, ckpt: dict, ckpt_path: str, weights: str) -> None:
-    """Strict load of the checkpoint's "model" (or "ema") weights; a mismatch is one line naming the file."""
-    if ckpt.get(weights) is None:
-        raise ConfigError(f"{ckpt_path}: has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
-    state = ckpt[weights]
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    problems = weight_mismatches(model.state_dict(), state)
-    if problems:
-        raise ConfigError(
-            f"{ckpt_path}: weights do not fit the configured model (model.name/depth/num_classes?): "
-            + problems
-        )
-    model.load_state_dict(state)
-
-
-def weight_mismatches(own: dict, state: dict, shown: int = 3) -> str:
-    """'' when `state` fits `own` exactly, else one line: counts of missing / unexpected / reshaped
-    tensors with the first few keys of each (a recipe config on a debug checkpoint differs in ~150)."""
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    reshaped = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    parts = []
-    for name, keys in (("shape mismatches (checkpoint vs model)", reshaped), ("missing", missing),
-                       ("unexpected", unexpected)):  # fmt: skip
-        if keys:
-            more = f", ... {len(keys) - shown} more" if len(keys) > shown else ""
-            parts.append(f"{len(keys)} {name}: {', '.join(keys[:shown])}{more}")
-    return "; ".join(parts)
 
 
 # The fields that decide which network a checkpoint's weights belong to (not dropout, not pretrained).
@@ -327,7 +269,7 @@ def report_checkpoint_result(
             result.metrics["videos"], cfg.data.val_list, loader.num_videos, loader.skipped,
         )  # fmt: skip
     view_name = f"{views.spatial_crops}x{views.temporal_clips}"
-    class_names = read_class_names(cfg.data.root, cfg.data.val_list, cfg.model.num_classes)
+    class_names = read_class_names(cfg.model.num_classes, cfg=cfg)
     ckpt = Path(args.checkpoint)
     meta = {
         "views": view_name, "temporal_mode": views.temporal_mode, "full_res": views.full_res,

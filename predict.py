@@ -29,18 +29,17 @@ from rich.table import Table
 
 from engine.channels_last import model_channels_last
 from engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from engine.config import Config, ConfigError, apply_overrides, from_dict, load_config, split_cli
+from engine.config import Config, ConfigError, apply_overrides, from_dict, load_config, parse_views, split_cli
 from engine.inference import (
     OUT_FORMATS,
     VideoResult,
     collect_videos,
-    parse_views,
     probe_frames,
-    read_class_names,
     score_videos,
     top_k,
     write_predictions,
 )
+from engine.reports import read_class_names
 
 log = logging.getLogger("predict")
 

@@ -135,21 +135,39 @@ def _to_tuples(x: Any) -> Any:
 def load_model_weights(
     model: torch.nn.Module, ckpt: dict, ckpt_path: str | Path, weights: str = "model"
 ) -> None:
-    """Strict load of a checkpoint's "model" (or "ema") weights into `model`; a mismatch is a
-    CheckpointError naming the file and the first keys on either side, never a partly loaded network."""
-    state = ckpt.get(weights)
-    if state is None:
-        raise CheckpointError(f"{ckpt_path}: has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
+    """Strict load of a checkpoint's "model" (or "ema") weights into `model`. A mismatch is one line (a
+    ConfigError: the configured model is what differs) naming the file and counting the differing keys,
+    never a partly loaded network."""
+    from engine.config import ConfigError
+
+    if ckpt.get(weights) is None:
+        raise ConfigError(f"{ckpt_path}: has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
+    state = ckpt[weights]
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches: the first lines say which tensors
-        first = "; ".join(str(e).splitlines()[1:4])
-        raise CheckpointError(f"{ckpt_path}: weights do not fit the configured model: {first}") from None
-    missing, unexpected = result.missing_keys, result.unexpected_keys
-    if missing or unexpected:
-        raise CheckpointError(
+    problems = weight_mismatches(model.state_dict(), state)
+    if problems:
+        raise ConfigError(
             f"{ckpt_path}: weights do not fit the configured model (model.name/depth/num_classes?): "
-            f"{len(missing)} missing {missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}"
+            + problems
         )
+    model.load_state_dict(state)
+
+
+def weight_mismatches(own: dict, state: dict, shown: int = 3) -> str:
+    """'' when `state` fits `own` exactly, else one line: counts of missing / unexpected / reshaped
+    tensors with the first few keys of each (a recipe config on a debug checkpoint differs in ~150)."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    parts = []
+    for name, keys in (("shape mismatches (checkpoint vs model)", reshaped), ("missing", missing),
+                       ("unexpected", unexpected)):  # fmt: skip
+        if keys:
+            more = f", ... {len(keys) - shown} more" if len(keys) > shown else ""
+            parts.append(f"{len(keys)} {name}: {', '.join(keys[:shown])}{more}")
+    return "; ".join(parts)

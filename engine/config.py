@@ -451,6 +451,15 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def parse_views(text: str) -> tuple[int, int]:
+    """--views '3x10' -> (eval.spatial_crops, eval.temporal_clips)."""
+    try:
+        crops, clips = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--views: expected CROPSxCLIPS such as 1x1, 3x2 or 3x10, got {text!r}") from None
+    return crops, clips
+
+
 def split_cli(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separate dotted overrides (`--a.b=v`) from a script's own arguments."""
     overrides, rest = [], []

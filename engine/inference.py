@@ -38,15 +38,6 @@ class VideoResult:
     note: str = ""  # a problem that did not stop it (decoding stopped early: fewer frames used)
 
 
-def parse_views(text: str) -> tuple[int, int]:
-    """'3x10' -> (spatial crops, temporal clips)."""
-    try:
-        crops, clips = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"--views: expected CROPSxCLIPS such as 1x1, 3x2 or 3x10, got {text!r}") from None
-    return crops, clips
-
-
 def _list_line_path(line: str) -> str:
     """The path of a list line: 'path frames label' (a prep.lists list) or a bare path."""
     parts = line.rsplit(maxsplit=2)
@@ -95,29 +86,6 @@ def probe_frames(path: Path) -> tuple[int, str]:
         f"decoding stopped after {info.num_frames} frames ({info.decode_error})" if info.decode_error else ""
     )
     return info.num_frames, note
-
-
-def read_class_names(num_classes: int, classes_file: str = "", cfg: Config | None = None) -> list[str] | None:
-    """Class names, line i = class i: `classes_file` when given (must fit the model), else classes.txt in
-    the training config's data.root or beside its val_list when one fits; None means class indices."""
-    if classes_file:
-        path = Path(classes_file)
-        if not path.is_file():
-            raise ConfigError(f"--classes: {path} not found")
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if len(names) != num_classes:
-            raise ConfigError(f"--classes: {path} has {len(names)} names, the model {num_classes} classes")
-        return names
-    if cfg is None:
-        return None
-    folders = [cfg.data.root, str(Path(cfg.data.val_list).parent) if cfg.data.val_list else ""]
-    for folder in dict.fromkeys(f for f in folders if f):
-        path = Path(folder) / "classes.txt"
-        if path.is_file():
-            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            if len(names) == num_classes:
-                return names
-    return None
 
 
 def probabilities(scores: np.ndarray, fuse: str) -> np.ndarray:

@@ -8,16 +8,45 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
+from engine.config import Config, ConfigError
 from engine.fileio import atomic_write
 from engine.scoring import FUSE_MODES, confusion_matrix, fuse_views
+
+log = logging.getLogger(__name__)
 
 
 class DumpError(ValueError):
     """A score dump that cannot be used (missing keys, disagreeing ids/labels); names the file."""
+
+
+def read_class_names(num_classes: int, classes_file: str = "", cfg: Config | None = None) -> list[str] | None:
+    """Class names, line i = class i: `classes_file` when given (it must fit the model), else classes.txt
+    in the config's data.root or beside its val_list; None (use class indices) when none fits."""
+    if classes_file:
+        path = Path(classes_file)
+        if not path.is_file():
+            raise ConfigError(f"--classes: {path} not found")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if len(names) != num_classes:
+            raise ConfigError(f"--classes: {path} has {len(names)} names, the model {num_classes} classes")
+        return names
+    if cfg is None:
+        return None
+    folders = [cfg.data.root, str(Path(cfg.data.val_list).parent) if cfg.data.val_list else ""]
+    for folder in dict.fromkeys(f for f in folders if f):
+        path = Path(folder) / "classes.txt"
+        if path.is_file():
+            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            if len(names) == num_classes:
+                return names
+            log.warning("%s has %d names, the model %d: using class indices", path, len(names), num_classes)
+            return None
+    return None
 
 
 def save_dump(

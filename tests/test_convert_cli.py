@@ -186,7 +186,7 @@ def test_cli_module_entry_point(tmp_path: Path) -> None:
 
 def test_converted_file_in_evaluate_and_train_loaders(tmp_path: Path, tsm_official, tsm_state) -> None:
     """evaluate.py --checkpoint reads the 'model' key strictly; train.py goes through model.pretrained."""
-    from evaluate import load_model_weights
+    from engine.checkpoint import load_model_weights
 
     src, dst = tmp_path / "tsm.pth.tar", tmp_path / "tsm_converted.pt"
     torch.save({"state_dict": tsm_official}, src)

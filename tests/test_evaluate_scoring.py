@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import evaluate
-from engine import reports, scoring
+from engine import checkpoint, config, reports, scoring
 from engine.config import ConfigError, EvalConfig
 
 NUM_CLASSES = 7
@@ -228,17 +228,17 @@ def test_view_names_resolve_per_sampling():
     assert EvalConfig(temporal_mode="uniform", temporal_clips=2).resolved("dense").temporal_mode == "uniform"
     with pytest.raises(ConfigError, match="'twice' gives 2 clip"):
         EvalConfig(temporal_mode="twice", temporal_clips=3).resolved("uniform")
-    assert evaluate.parse_views("3x10") == (3, 10)
+    assert config.parse_views("3x10") == (3, 10)
     with pytest.raises(ConfigError, match="--views: expected CROPSxCLIPS"):
-        evaluate.parse_views("3by10")
+        config.parse_views("3by10")
 
 
 def test_weights_load_from_model_or_ema_and_mismatches_name_the_file():
     source, target = FlatNet(), FlatNet()
     ckpt = {"model": FlatNet().state_dict(), "ema": source.state_dict()}
-    evaluate.load_model_weights(target, ckpt, "run/ckpt.pt", "ema")
+    checkpoint.load_model_weights(target, ckpt, "run/ckpt.pt", "ema")
     assert torch.equal(target.fc.weight, source.fc.weight)
     with pytest.raises(ConfigError, match="run/ckpt.pt: has no 'ema' weights"):
-        evaluate.load_model_weights(target, {"model": ckpt["model"], "ema": None}, "run/ckpt.pt", "ema")
+        checkpoint.load_model_weights(target, {"model": ckpt["model"], "ema": None}, "run/ckpt.pt", "ema")
     with pytest.raises(ConfigError, match="run/ckpt.pt: weights do not fit"):
-        evaluate.load_model_weights(FlatNet(num_classes=5), ckpt, "run/ckpt.pt", "model")
+        checkpoint.load_model_weights(FlatNet(num_classes=5), ckpt, "run/ckpt.pt", "model")
