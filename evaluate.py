@@ -24,6 +24,7 @@ import numpy as np
 import torch.distributed as dist
 from torch import nn
 
+from dali_pipes.source import ClipLoadError
 from engine.channels_last import model_channels_last
 from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from engine.config import (
@@ -37,6 +38,7 @@ from engine.config import (
     split_cli,
 )
 from engine.distributed import init_distributed
+from engine.preflight import check_labels
 from engine.reports import DumpError, fuse_dumps, metric_rows, print_table, save_dump, write_reports
 from engine.scoring import FUSE_MODES, EvalResult, compute_metrics, evaluate_model
 
@@ -131,6 +133,7 @@ def load_model_weights(model: nn.Module, ckpt: dict, ckpt_path: str, weights: st
 
 def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     # Imported here: --fuse needs neither DALI nor the model zoo.
+    from dali_pipes.listfile import read_list
     from dali_pipes.loader import build_loader
     from models import build_model
 
@@ -149,6 +152,8 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
         if cfg.data.device == "gpu" and info.device.type != "cuda":
             raise ConfigError("data.device: 'gpu' but CUDA is not available here; pass --data.device=cpu")
         amp = args.amp or cfg.train.amp
+        if cfg.data.val_list:  # unset: the loader names the key
+            check_labels(read_list(cfg.data.val_list, cfg.data.root), cfg.model.num_classes)
 
         model = build_model(replace(cfg.model, pretrained=""))  # the checkpoint brings all weights
         load_model_weights(model, ckpt, args.checkpoint, args.weights)
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.checkpoint:
             raise ConfigError("--checkpoint is required (or --fuse A.npz B.npz ... to fuse score dumps)")
         return evaluate_checkpoint(args, overrides)
-    except (ConfigError, DumpError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, DumpError, CheckpointError, ValueError, FileNotFoundError, ClipLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
