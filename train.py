@@ -43,7 +43,7 @@ from engine.checkpoint import (
     set_rng_state,
 )
 from engine.config import Config, ConfigError, dump_yaml, load_config, split_cli, to_dict
-from engine.distributed import DistInfo, all_gather_objects, init_distributed
+from engine.distributed import DistInfo, all_gather_objects, init_distributed, peer_failure
 from engine.fileio import atomic_write_text
 from engine.metrics_log import LogWindow, MetricsLog, provenance
 from engine.optim import ModelEMA, build_optimizer, build_scheduler, scaled_lr
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     # SIGTERM (scheduler preemption, torchrun stopping a failed job) unwinds like Ctrl-C, so the loaders'
     # worker processes are shut down instead of being orphaned
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config:
@@ -476,9 +476,16 @@ def main(argv: list[str] | None = None) -> int:
         if not (isinstance(e, PreflightError) and os.environ.get("RANK", "0") != "0"):
             print(f"error: {e}", file=sys.stderr)
         return 3 if isinstance(e, NonFiniteLossError) else 2
+    except RuntimeError as e:  # a peer rank died or hung: say so in one line, not a gloo/NCCL traceback
+        lost = peer_failure(e)
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, previous)  # not while the interpreter exits (DALI's atexit)
 
 
 if __name__ == "__main__":

@@ -83,3 +83,24 @@ def any_over_ranks(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+
+
+# What gloo/NCCL/the store say when the other end of a collective died, hung or was killed
+_PEER_LOST = (
+    "Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
+)  # fmt: skip
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """One line for a collective that failed because another rank failed, was killed or hung (that
+    rank's own output says why); None for any other error."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    text = str(e).strip()
+    if not (isinstance(e, dist.DistError) or any(m in text for m in _PEER_LOST)):
+        return None
+    first = text.splitlines()[0] if text else type(e).__name__
+    return (
+        f"rank {dist.get_rank()}: a collective failed because another rank failed, was killed or hung "
+        f"(see that rank's error): {first}"
+    )
