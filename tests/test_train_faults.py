@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,77 @@ def test_train_start_removes_stale_checkpoint_temps(monkeypatch, tmp_path, capsy
     train.train(tiny_config(tmp_path, **{"train.epochs": 1, "train.eval_every": 0}))
     assert not stale.exists()
     assert f"removed {stale.name}" in capsys.readouterr().err
+
+
+ORPHAN_PARENT = textwrap.dedent("""
+    import os, sys, time
+    from dali_pipes.source import die_with_parent
+    parent = os.getpid()
+    pids = []
+    for arm in (True, False):
+        pid = os.fork()
+        if pid == 0:  # a worker blocked where it never notices its parent's death (a hung decode)
+            if arm:
+                die_with_parent(parent)
+            time.sleep(60)
+            os._exit(0)
+        pids.append(pid)
+    time.sleep(0.5)  # both children past die_with_parent
+    print(*pids, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_die_with_parent_kills_a_worker_when_its_trainer_is_sigkilled(tmp_path):
+    """The PR_SET_PDEATHSIG a DALI worker sets on its first sample (ClipSource.__call__): a SIGKILLed
+    parent takes the armed child with it; the unarmed control child survives as an orphan, which shows
+    the test can tell the two apart."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_PARENT], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    armed = control = 0
+    try:
+        armed, control = (int(x) for x in proc.stdout.readline().split())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _running(armed) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(armed), "the armed worker outlived its parent"
+        assert _running(control), "the control child died too: the test cannot tell"
+    finally:
+        proc.kill()
+        for pid in (armed, control):
+            if pid and _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_clip_source_arms_workers_only(monkeypatch):
+    """ClipSource calls die_with_parent in worker processes (pid != the trainer's), never in the trainer."""
+    import dali_pipes.source as source
+
+    calls = []
+    monkeypatch.setattr(source, "die_with_parent", lambda pid: calls.append(pid))
+    src = source.ClipSource.__new__(source.ClipSource)
+    src.owner_pid, src.base_epoch, src.start_batch, src.batch, src.kind = os.getpid(), 0, 0, 1, "pyav"
+    src._orders = {0: []}
+    src.order = lambda epoch: []
+
+    class Info:
+        epoch_idx, idx_in_epoch = 0, 0
+
+    with pytest.raises(StopIteration):
+        src(Info())
+    assert calls == []
+    src.owner_pid = os.getpid() + 1  # as seen from a forked worker
+    with pytest.raises(StopIteration):
+        src(Info())
+    assert calls == [os.getpid() + 1]
