@@ -37,7 +37,7 @@ from engine.config import (
     load_config,
     split_cli,
 )
-from engine.distributed import init_distributed
+from engine.distributed import init_distributed, peer_failure
 from engine.preflight import check_labels
 from engine.reports import DumpError, fuse_dumps, metric_rows, print_table, save_dump, write_reports
 from engine.scoring import FUSE_MODES, EvalResult, compute_metrics, evaluate_model
@@ -248,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DumpError, CheckpointError, ValueError, FileNotFoundError, ClipLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a peer rank died or hung: one line, not a gloo/NCCL traceback
+        lost = peer_failure(e)
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -94,13 +94,13 @@ _PEER_LOST = (
 def peer_failure(e: BaseException) -> str | None:
     """One line for a collective that failed because another rank failed, was killed or hung (that
     rank's own output says why); None for any other error."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # (the group may be destroyed by now)
         return None
     text = str(e).strip()
     if not (isinstance(e, dist.DistError) or any(m in text for m in _PEER_LOST)):
         return None
     first = text.splitlines()[0] if text else type(e).__name__
     return (
-        f"rank {dist.get_rank()}: a collective failed because another rank failed, was killed or hung "
-        f"(see that rank's error): {first}"
+        f"rank {os.environ.get('RANK', '?')}: a collective failed because another rank failed, was killed "
+        f"or hung (see that rank's error): {first}"
     )

@@ -161,6 +161,25 @@ def test_sigterm_to_one_rank_checkpoints_on_all_and_resumes_bitwise(clips, unint
     _assert_same_weights(uninterrupted, load_checkpoint(latest_checkpoint(out)))
 
 
+def test_sigterm_to_the_launcher_checkpoints_without_a_traceback(clips, tmp_path):
+    """SIGTERM to the launcher (`python -m engine.launch`, torchrun's main): torchrun forwards it, the
+    workers checkpoint mid-epoch and exit 0, the launcher says so in one line with rc 143."""
+    out = tmp_path / "run"
+    cmd = _cmd(clips, out)
+    cmd[1:3] = ["-m", "engine.launch"]
+    proc = _start_and_wait_for_step(cmd, out, STEPS_PER_EPOCH + 1)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=150)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "launcher: got signal 15" in err, err[-3000:]
+    assert "stopped by SIGTERM at step" in err
+    state = load_checkpoint(latest_checkpoint(out))
+    assert STEPS_PER_EPOCH < state["step"] < 2 * STEPS_PER_EPOCH, state["step"]
+
+
 def test_bad_file_on_one_rank_ends_the_job_quickly_naming_it(clips, tmp_path):
     """A file of random bytes in the list (data.skip_bad off): the rank that reads it says which list
     line and file in one line and exits 2, the other rank says in one line that it lost its peer; the job
