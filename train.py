@@ -461,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default="", help="auto (newest checkpoint in train.out_dir) or a path")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(rest)
-    # SIGTERM (scheduler preemption, torchrun stopping a failed job) unwinds like Ctrl-C, so the loaders'
-    # worker processes are shut down instead of being orphaned
+    # SIGTERM during setup unwinds like Ctrl-C (the loaders' workers are shut down); during the epochs
+    # train()'s StopRequest takes over: a checkpoint at the next step on every rank, then rc 0
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         cfg = load_config(args.config, overrides)
