@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
+from dali_pipes.source import ClipLoadError
 from engine.channels_last import model_channels_last
 from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights
 from engine.config import (
@@ -38,7 +39,8 @@ from engine.config import (
     parse_views,
     split_cli,
 )
-from engine.distributed import all_gather_objects, init_distributed
+from engine.distributed import all_gather_objects, init_distributed, peer_failure
+from engine.preflight import check_labels
 from engine.progress import ProgressLines
 from engine.reports import (
     DumpError,
@@ -136,6 +138,7 @@ def check_model_config(cfg: Config, ckpt: dict, ckpt_path: str, allow: bool) -> 
 
 def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     # Imported here: --fuse needs neither DALI nor the model zoo.
+    from dali_pipes.listfile import read_list
     from dali_pipes.loader import build_loader
     from models import build_model
 
@@ -155,6 +158,8 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
         if cfg.data.device == "gpu" and info.device.type != "cuda":
             raise ConfigError("data.device: 'gpu' but CUDA is not available here; pass --data.device=cpu")
         amp = args.amp or cfg.train.amp
+        if cfg.data.val_list:  # unset: the loader names the key
+            check_labels(read_list(cfg.data.val_list, cfg.data.root), cfg.model.num_classes)
         out = output_path(args, cfg, views)
         identity = evaluation_identity(args, cfg, views, amp)
         output_verdict(out, identity, args.overwrite, info.is_main)  # before the scoring, not after it
@@ -341,9 +346,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.checkpoint:
             raise ConfigError("--checkpoint is required (or --fuse A.npz B.npz ... to fuse score dumps)")
         return evaluate_checkpoint(args, overrides)
-    except (ConfigError, DumpError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, DumpError, CheckpointError, ValueError, FileNotFoundError, ClipLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a peer rank died or hung: one line, not a gloo/NCCL traceback
+        lost = peer_failure(e)
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import random
 import signal
 import sys
@@ -29,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dali_pipes.source import ClipLoadError
 from engine.channels_last import model_channels_last
 from engine.checkpoint import (
     CheckpointError,
@@ -49,11 +51,13 @@ from engine.config import (
     split_cli,
     to_dict,
 )
-from engine.distributed import DistInfo, all_gather_objects, init_distributed
+from engine.distributed import DistInfo, all_gather_objects, init_distributed, peer_failure
 from engine.fileio import atomic_write_text
 from engine.metrics_log import LogWindow, MetricsLog, provenance
 from engine.optim import ModelEMA, build_optimizer, build_scheduler, scaled_lr
 from engine.plot import save_run_curves
+from engine.preemption import StopRequest
+from engine.preflight import PreflightError, check_labels, check_writable_dir, remove_stale_checkpoint_temps
 from engine.progress import log_console
 from engine.scoring import evaluate_model
 from engine.step import NonFiniteLossError, TrainStep, all_finite
@@ -64,8 +68,9 @@ class RunDirError(RuntimeError):
 
 
 # Errors whose message is the whole story (config key, file, list line, step): one line, no traceback.
-# ConfigError, PretrainedMismatchError and the loader's list/sample errors are ValueErrors.
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, RunDirError, NonFiniteLossError)
+# ConfigError, PretrainedMismatchError, PreflightError and list errors are ValueErrors; ClipLoadError
+# (a bad sample with data.skip_bad off) is the loader's RuntimeError naming the list line and file.
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, RunDirError, NonFiniteLossError, ClipLoadError)
 
 
 @dataclass
@@ -92,14 +97,17 @@ class Run:
     last_ckpt: Path | None = None
     val_results: dict = field(default_factory=dict)
     batches_per_rank: list[list[int]] = field(default_factory=list)
+    skipped_samples: int = 0  # unreadable samples replaced (data.skip_bad), summed over ranks
+    stop: StopRequest = field(default_factory=StopRequest)
 
 
 def train(cfg: Config, resume: str = "") -> dict:
     """Run (or continue) one training job; returns a summary (step, final validation, checkpoint path)."""
     info = setup_process(cfg)
     out_dir = Path(cfg.train.out_dir)
-    ckpt_path = resolve_resume(resume, out_dir)
     console = log_console(stderr=True, quiet=not info.is_main)  # log files: no 80-column cut
+    ckpt_path = resolve_resume(resume, out_dir)
+    preflight(cfg, info, console)
 
     # data: one loader per rank (imported late: `--print-config` works without DALI)
     from dali_pipes.loader import build_loader
@@ -144,7 +152,7 @@ def train(cfg: Config, resume: str = "") -> dict:
     )  # fmt: skip
     model.train()
     run.window.reset()
-    with run.progress:
+    with run.progress, run.stop:
         for epoch in range(start_epoch, cfg.train.epochs):
             first = start_batch if epoch == start_epoch else 0
             if train_epoch(run, epoch, first, data_state if first else None):
@@ -155,7 +163,8 @@ def train(cfg: Config, resume: str = "") -> dict:
 
 
 def train_epoch(run: Run, epoch: int, first: int, data_state: dict | None) -> bool:
-    """Batches `first`.. of one epoch; True when train.stop_at_step stopped it (a checkpoint was written)."""
+    """Batches `first`.. of one epoch; True when train.stop_at_step or a stop signal (SIGTERM) stopped it
+    (a checkpoint was written)."""
     cfg, loader, stepper, progress = run.cfg, run.train_loader, run.stepper, run.progress
     accum = cfg.train.accum_steps
     run.epoch = epoch
@@ -163,9 +172,11 @@ def train_epoch(run: Run, epoch: int, first: int, data_state: dict | None) -> bo
     if data_state is not None:
         loader.load_state_dict(data_state)
     n_batches = len(loader)
+    skipped_before = getattr(loader, "skipped", 0)
     task = progress.add_task("", total=n_batches, completed=first, epoch=epoch + 1, stats="")
     i, start_step = first, run.step
-    for batch in run.window.timed(loader):
+    # a checkpoint taken after the epoch's last step (a signal) resumes at its end: no batch left to run
+    for batch in run.window.timed(loader) if first < n_batches else ():
         if i % accum == 0:
             stepper.begin()
         i += 1
@@ -182,14 +193,37 @@ def train_epoch(run: Run, epoch: int, first: int, data_state: dict | None) -> bo
             path = save(run, epoch, i)
             run.console.print(f"stopped at step {run.step} as asked (train.stop_at_step); checkpoint {path}")
             return True
+        if run.stop.agreed():
+            path = save(run, epoch, i)
+            run.console.print(
+                f"stopped by {run.stop.name} at step {run.step}; checkpoint {path} "
+                "(continue with --resume auto)"
+            )
+            return True
     if no_log_this_epoch(run, start_step):
         log_train(run, task, i, n_batches)
     progress.remove_task(task)
-    counts = all_gather_objects(i - first)
-    run.batches_per_rank.append(counts)
-    if run.metrics is not None:
-        run.metrics.write("epoch", run.step, epoch=epoch + 1, batches_per_rank=counts)
+    record_epoch(run, epoch, i - first, getattr(loader, "skipped", 0) - skipped_before)
     return False
+
+
+def record_epoch(run: Run, epoch: int, batches: int, skipped: int) -> None:
+    """Batches and replaced samples (data.skip_bad) of every rank: metrics.jsonl's epoch record, console."""
+    per_rank = all_gather_objects((batches, skipped))
+    counts = [b for b, _ in per_rank]
+    skipped_per_rank = [s for _, s in per_rank]
+    run.batches_per_rank.append(counts)
+    run.skipped_samples += sum(skipped_per_rank)
+    if sum(skipped_per_rank):
+        run.console.print(
+            f"[yellow]epoch {epoch + 1}: {sum(skipped_per_rank)} unreadable training samples replaced "
+            f"(data.skip_bad; per rank {skipped_per_rank})"
+        )
+    if run.metrics is not None:
+        run.metrics.write(
+            "epoch", run.step, epoch=epoch + 1, batches_per_rank=counts, skipped=sum(skipped_per_rank),
+            skipped_per_rank=skipped_per_rank,
+        )  # fmt: skip
 
 
 def end_epoch(run: Run, epoch: int) -> bool:
@@ -217,7 +251,7 @@ def end_epoch(run: Run, epoch: int) -> bool:
 
 def setup_process(cfg: Config) -> DistInfo:
     """Process group, CPU threads, per-rank seeds and CUDA math flags."""
-    info = init_distributed()
+    info = init_distributed(cfg.train.dist_timeout_s)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     seed = cfg.train.seed + info.rank
@@ -231,6 +265,29 @@ def setup_process(cfg: Config) -> DistInfo:
     if cfg.data.device == "gpu" and info.device.type != "cuda":
         raise ConfigError("data.device: 'gpu' but this machine has no CUDA device; pass --data.device=cpu")
     return info
+
+
+def preflight(cfg: Config, info: DistInfo, console: Console) -> None:
+    """Before any heavy work, on rank 0: list labels within model.num_classes, train.out_dir writable,
+    temp files of interrupted checkpoint writes removed. Every rank stops on rank 0's finding (no rank is
+    left waiting in a collective for a peer that quit)."""
+    from dali_pipes.listfile import read_list
+
+    error = ""
+    if info.is_main:
+        try:
+            lists = [cfg.data.train_list] + ([cfg.data.val_list] if cfg.train.eval_every > 0 else [])
+            for path in lists:
+                if path:
+                    check_labels(read_list(path, cfg.data.root), cfg.model.num_classes)
+            out_dir = check_writable_dir(cfg.train.out_dir)
+            for stale in remove_stale_checkpoint_temps(out_dir):
+                console.print(f"removed {stale.name} (temp file of an interrupted checkpoint write)")
+        except ValueError as e:  # PreflightError, ListFileError
+            error = str(e)
+    errors = [e for e in all_gather_objects(error) if e]
+    if errors:
+        raise PreflightError(errors[0])
 
 
 def resolve_resume(resume: str, out_dir: Path) -> Path | None:
@@ -410,7 +467,9 @@ def finish(run: Run, epochs_done: int, stopped: bool) -> dict:
         "val": run.val_results,
         "batches_per_rank": run.batches_per_rank,
         "stopped_early": stopped,
+        "stopped_by": run.stop.name,
         "skipped_steps": run.stepper.guard.reported,
+        "skipped_samples": run.skipped_samples,
     }
 
 
@@ -426,9 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default="", help="auto (newest checkpoint in train.out_dir) or a path")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(rest)
-    # SIGTERM (scheduler preemption, torchrun stopping a failed job) unwinds like Ctrl-C, so the loaders'
-    # worker processes are shut down instead of being orphaned
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM during setup unwinds like Ctrl-C (the loaders' workers are shut down); during the epochs
+    # train()'s StopRequest takes over: a checkpoint at the next step on every rank, then rc 0
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config:
@@ -437,11 +496,20 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, args.resume)
         return 0
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        # rank 0's preflight finding stops every rank: one of them says it
+        if not (isinstance(e, PreflightError) and os.environ.get("RANK", "0") != "0"):
+            print(f"error: {e}", file=sys.stderr)
         return 3 if isinstance(e, NonFiniteLossError) else 2
+    except RuntimeError as e:  # a peer rank died or hung: say so in one line, not a gloo/NCCL traceback
+        lost = peer_failure(e)
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, previous)  # not while the interpreter exits (DALI's atexit)
 
 
 if __name__ == "__main__":

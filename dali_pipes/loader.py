@@ -215,11 +215,11 @@ class ClipLoader:
             culprit = self._find_bad_sample()
             if culprit:
                 raise ClipLoadError(culprit) from None
-            lines = [ln for ln in text.splitlines() if ln.strip()]
-            detail = "\n".join(lines[:1] + lines[-3:])
-            raise RuntimeError(
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            detail = " | ".join(dict.fromkeys(lines[:1] + lines[-3:]))  # one line for the CLIs
+            raise ClipLoadError(
                 f"{self.list_path}: DALI failed in epoch {self.epoch}, batch {self.position} "
-                f"(a corrupt file? run `python -m prep.validate {self.list_path}`):\n{detail}"
+                f"(a corrupt file? run `python -m prep.validate {self.list_path}`): {detail}"
             ) from None
 
     def _find_bad_sample(self) -> str | None:

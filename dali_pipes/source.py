@@ -36,6 +36,28 @@ class ClipLoadError(RuntimeError):
     """A listed sample that cannot be read; the message names the list line and the file."""
 
 
+_ARMED_PID = 0  # the worker process that has asked the kernel to kill it with its parent
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a DALI worker process: have the kernel SIGKILL it when the trainer dies (Linux prctl
+    PR_SET_PDEATHSIG), so a SIGKILLed trainer (the OOM killer) leaves no orphan workers. Once per process;
+    a parent already gone (it died before this ran) ends the worker now."""
+    global _ARMED_PID
+    if _ARMED_PID == os.getpid():
+        return
+    _ARMED_PID = os.getpid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):  # not Linux: no such call; the workers' own checks remain
+        return
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def epoch_order(
     num_videos: int, split: str, seed: int, epoch: int, rank: int, world: int, batch: int, uneven: str
 ) -> np.ndarray:
@@ -118,6 +140,7 @@ class ClipSource:
     device: str = "cpu"  # where kind "bytes" decodes: DALI's CPU decoder knows only DALI_CPU_CODECS
     base_epoch: int = 0
     start_batch: int = 0
+    owner_pid: int = field(default_factory=os.getpid)  # the trainer: workers die with it
     _orders: dict = field(default_factory=dict, repr=False)
     _index: dict = field(default_factory=dict, repr=False)
 
@@ -135,6 +158,8 @@ class ClipSource:
         return self._orders[epoch]
 
     def __call__(self, info) -> tuple:
+        if os.getpid() != self.owner_pid:  # in a worker process (parallel external source)
+            die_with_parent(self.owner_pid)
         epoch = self.base_epoch + info.epoch_idx
         skip = self.start_batch * self.batch * self.group if info.epoch_idx == 0 else 0
         pos, frame_k = divmod(skip + info.idx_in_epoch, self.group)

@@ -11,8 +11,10 @@ truncated file under a checkpoint's name, and a good checkpoint is only ever rep
 
 from __future__ import annotations
 
+import errno
 import random
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,45 @@ def checkpoint_name(epoch: int, step: int) -> str:
     return f"ckpt_e{epoch:04d}_s{step:09d}.pt"
 
 
+# torch.save's zip writer reports a failed write (ENOSPC included) as this, without the errno
+_TORCH_WRITE_FAILED = "unexpected pos"
+
+
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Write `state` to `path` atomically: temp file + fsync + os.replace (same filesystem)."""
-    return atomic_write(path, lambda f: torch.save(state, f))
+    """Write `state` to `path` atomically: temp file + fsync + os.replace (same filesystem).
+
+    Free space is checked first (the tensors' bytes plus a margin), and a full disk during the write is
+    reported as such, naming the file; the previous checkpoint is untouched either way."""
+    path = Path(path)
+    need = int(state_bytes(state) * 1.05) + (1 << 20)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise CheckpointError(
+            f"disk full: {path} needs about {need / 2**20:.0f} MiB, {path.parent} has "
+            f"{free / 2**20:.0f} MiB free; not written, the previous checkpoint is kept"
+        )
+    try:
+        return atomic_write(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as e:
+        if getattr(e, "errno", None) == errno.ENOSPC or _TORCH_WRITE_FAILED in str(e):
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(
+                f"disk full while writing {path} ({free / 2**20:.0f} MiB left); not written, the previous "
+                "checkpoint is kept"
+            ) from None
+        raise
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes of the tensors inside nested dicts/lists/tuples (what torch.save writes, give or take)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

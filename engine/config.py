@@ -148,6 +148,7 @@ class TrainConfig:
     keep_ckpts: int = 0  # keep only the newest N checkpoints in out_dir (0: keep all)
     progress: bool = True  # rich progress bar on rank 0 (log lines are printed either way when not a tty)
     threads: int = 0  # torch CPU threads per process (0: torch's default; 1 suits small CPU boxes)
+    dist_timeout_s: int = 900  # a collective waiting this long for a hung or dead rank fails (0: torch's)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """One process per GPU under torchrun (NCCL), gloo on CPU; a plain `python train.py` is world 1."""
+def init_distributed(timeout_s: float = 0) -> DistInfo:
+    """One process per GPU under torchrun (NCCL), gloo on CPU; a plain `python train.py` is world 1.
+
+    `timeout_s` > 0 bounds every collective: a rank whose peer hangs or died fails after that long instead
+    of waiting until the launcher kills it (0: torch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -34,7 +38,9 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        kwargs = {"device_id": device} if cuda else {}
+        kwargs: dict[str, Any] = {"device_id": device} if cuda else {}
+        if timeout_s > 0:
+            kwargs["timeout"] = timedelta(seconds=timeout_s)
         dist.init_process_group(backend="nccl" if cuda else "gloo", **kwargs)
     return DistInfo(rank, world, local_rank, device)
 
@@ -77,3 +83,24 @@ def any_over_ranks(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+
+
+# What gloo/NCCL/the store say when the other end of a collective died, hung or was killed
+_PEER_LOST = (
+    "Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
+)  # fmt: skip
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """One line for a collective that failed because another rank failed, was killed or hung (that
+    rank's own output says why); None for any other error."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # (the group may be destroyed by now)
+        return None
+    text = str(e).strip()
+    if not (isinstance(e, dist.DistError) or any(m in text for m in _PEER_LOST)):
+        return None
+    first = text.splitlines()[0] if text else type(e).__name__
+    return (
+        f"rank {os.environ.get('RANK', '?')}: a collective failed because another rank failed, was killed "
+        f"or hung (see that rank's error): {first}"
+    )
