@@ -28,6 +28,7 @@ class MemoryLoader:
         self.data, self.mode, self.rank, self.num_classes, self.nan_at = data, mode, rank, num_classes, nan_at
         self.frames = data.clip_len if data.layout == "NCTHW" else data.num_segments * data.snippet_len
         self.ids = list(range(videos))[rank::world_size]
+        self.num_videos = videos  # the list's length, as ClipLoader.num_videos
         self.batch = data.batch_size
         self._len = len(self.ids) // self.batch if mode == "train" else -(-len(self.ids) // self.batch)
         self.epoch, self.position = 0, 0
