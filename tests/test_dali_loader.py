@@ -6,6 +6,7 @@ Tiny VP9 clips (64x48, 32-48 frames); pipelines use batch 2-3, 1 thread, 1-2 wor
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -346,18 +347,37 @@ def test_gpu_route_matches_cpu(dataset, source, tmp_path):
 
 
 def test_profiler_table(dataset, tmp_path, capsys):
-    from dali_pipes.profile import main
+    import json
+
+    from dali_pipes.profile import main, pin
 
     config = tmp_path / "p.yaml"
     config.write_text(f"data:\n  train_list: {dataset / 'list.txt'}\n  device: cpu\n  input_size: 32\n"
                       "  batch_size: 2\n  num_workers: 1\n  num_threads: 1\n")  # fmt: skip
-    rc = main([str(config), "--batches", "2", "--warmup", "1", "--decoders", "pyav,dali",
-               "--baseline", "pyav", "--baseline", "decord",
-               "--data.num_segments=4", "--model.num_segments=4"])  # fmt: skip
+    out_json = tmp_path / "bench.json"
+    cores = os.sched_getaffinity(0)
+    try:
+        rc = main([str(config), "--batches", "2", "--warmup", "1", "--decoders", "pyav,dali", "--cores", "0",
+                   "--baseline", "pyav", "--baseline", "pyav-seq", "--baseline", "decord",
+                   "--json", str(out_json), "--data.num_segments=4", "--model.num_segments=4"])  # fmt: skip
+    finally:
+        pin(cores)  # main pinned this process (pytest) to core 0
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "DALI cpu (pyav decode)" in out and "DALI cpu (dali decode)" in out and "1.00x" in out
+    assert "DALI cpu (pyav decode)" in out and "DALI cpu (dali decode)" in out and "CPU-ms/clip" in out
     assert "clips/s" in out and ("decord is not importable" in out or "DataLoader + decord" in out)
+    doc = json.loads(out_json.read_text())
+    assert doc["cores"] == [0] and doc["thread_budget"] == 1
+    rows = {r["name"].split(" (")[0] if r["kind"] == "baseline" else r["name"]: r for r in doc["results"]}
+    route, dali = rows["DALI cpu (pyav decode)"], rows["DALI cpu (dali decode)"]
+    seek, seq = rows["DataLoader + pyav-seek"], rows["DataLoader + pyav-seq"]
+    for r in (route, dali, seek, seq):
+        assert r["clips"] == 4 and r["cpu_ms_per_clip"] > 0 and r["clips_per_s"] > 0, r
+    # GOP 8, 4 segments over 32-48 frames: sequential decodes most, the route (NONREF skip) least
+    assert 1 <= route["decoded_per_kept"] <= seek["decoded_per_kept"] < seq["decoded_per_kept"]
+    assert dali["decoded_note"] == "computed" and dali["decoded_per_kept"] > seek["decoded_per_kept"]
+    names = [r["name"] for r in doc["results"] if r["kind"] == "baseline" and not r["error"]]
+    assert doc["best_baseline_cpu_ms"] in names and doc["best_baseline_clips_per_s"] in names
 
 
 def test_dali_cpu_decoder_rejects_h264_by_name(tmp_path, ffmpeg_available):
