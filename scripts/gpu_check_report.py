@@ -97,7 +97,8 @@ def table(outdir: str) -> dict:
     root = Path(outdir)
     console = Console(width=170)
     tab = Table(title=f"gpu_check: {root}")
-    for col in ("what", "clips/s", "decoded/kept frame", "CPU-ms/clip", "GPU mem", "data wait", "vs synthetic"):
+    columns = ("what", "clips/s", "decoded/kept frame", "CPU-ms/clip", "GPU mem", "data wait", "vs synthetic")
+    for col in columns:
         tab.add_column(col, justify="left" if col == "what" else "right")
     summary: dict = {"profiler": [], "train": None, "synthetic": None}
     for path in sorted(root.glob("prof_*.json")):
@@ -110,7 +111,8 @@ def table(outdir: str) -> dict:
                 continue
             dec = "-" if r["decoded_per_kept"] is None else f"{r['decoded_per_kept']:.2f}"
             dec += " (c)" if r["decoded_note"] == "computed" else ""
-            tab.add_row(label, f"{r['clips_per_s']:.1f}", dec, f"{r['cpu_ms_per_clip']:.1f}", r["gpu"], "-", "-")
+            cpu = f"{r['cpu_ms_per_clip']:.1f}"
+            tab.add_row(label, f"{r['clips_per_s']:.1f}", dec, cpu, r["gpu"], "-", "-")
     synth_path = root / "synthetic.json"
     synth = json.loads(synth_path.read_text()) if synth_path.exists() else None
     summary["synthetic"] = synth
