@@ -8,19 +8,25 @@ For the first --clips lines of LIST (prep.lists format) and TSN T=8 train indice
 interleaved over 3 passes (median): dali_pipes.video_io.decode_frames as it is, the same with
 skip_nonref=False, and (with --old-rev) the decode_frames of an earlier git revision; plus the RGB
 conversion alone (frame.to_ndarray(format="rgb24") vs the reused single-thread reformatter) and the
-straight decode per frame with each codec threading setting.
+straight decode per frame with each codec threading setting. With --pools: the same clips decoded by
+2 threads of one process against 2 forked processes (frames pickled back, or nothing sent back), wall
+clock and CPU-ms per clip of the whole process tree (the threads-vs-processes question for DALI's
+parallel external source).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import multiprocessing as mp
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -47,12 +53,50 @@ def old_module(rev: str):
     return module
 
 
+_JOBS: list = []  # (path, indices, index) for the pool workers (inherited by fork)
+
+
+def _decode(k: int):
+    path, indices, index = _JOBS[k]
+    return decode_frames(path, indices, index)
+
+
+def _decode_drop(k: int) -> int:
+    _decode(k)
+    return 0
+
+
+def _tree_cpu() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def pools(jobs: list, index: dict) -> None:
+    _JOBS[:] = [(path, i, index[path]) for path, i in jobs]
+    ks = list(range(len(_JOBS)))
+    kinds = {"2 threads": (ThreadPoolExecutor, _decode), "2 processes, frames sent back": (None, _decode),
+             "2 processes, nothing sent back": (None, _decode_drop)}  # fmt: skip
+    res: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+    for _ in range(3):
+        for name, (pool_type, fn) in kinds.items():
+            cpu0, t0 = _tree_cpu(), time.perf_counter()
+            pool = pool_type(2) if pool_type else ProcessPoolExecutor(2, mp_context=mp.get_context("fork"))
+            list(pool.map(fn, ks))
+            pool.shutdown()
+            wall = time.perf_counter() - t0
+            res[name].append((len(ks) / wall, 1000 * (_tree_cpu() - cpu0) / len(ks)))
+    for name, v in res.items():
+        rate, cpu = statistics.median(x for x, _ in v), statistics.median(y for _, y in v)
+        print(f"  {name:32s} {rate:5.1f} clips/s  {cpu:6.1f} CPU-ms/clip (incl. pool start)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("list")
     p.add_argument("--clips", type=int, default=16)
     p.add_argument("--cores", default="", help="e.g. 0,1 (default: all)")
     p.add_argument("--old-rev", default="")
+    p.add_argument("--pools", action="store_true", help="also: 2 threads vs 2 processes")
     args = p.parse_args(argv)
     cores = {int(c) for c in args.cores.split(",")} if args.cores else os.sched_getaffinity(0)
     os.sched_setaffinity(0, cores)
@@ -114,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 n += 1
         print(f"  straight decode thread_type={thread_type} count={count}: "
               f"{1000 * (time.process_time() - t) / n:.3f} CPU-ms/frame")  # fmt: skip
+    if args.pools:
+        pools(jobs, index)
     return 0
 
 
