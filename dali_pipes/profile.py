@@ -1,12 +1,25 @@
-"""Throughput profiler: `python -m dali_pipes.profile CONFIG [--batches N] [--baseline pyav|decord|...]`
-(plus `--decoders pyav,dali`, `--repeats R` and dotted overrides).
+"""Fair throughput profiler: `python -m dali_pipes.profile CONFIG [--decoders pyav,dali] [--baseline B ...]`
+(plus `--cores 0,1`, `--threads N`, `--batches`, `--repeats R`, `--json PATH` and dotted overrides).
 
-Measures the training loader of CONFIG (train list, train sampling and augmentation) for every
-decoder route asked for (`--decoders pyav,dali` on CPU), and with --baseline the same clips through a
-standalone CPU loader (torch DataLoader with data.num_workers workers: decode, crop, resize, flip,
-normalise in torch) on the same data, in the same run, with the ratio. Dotted overrides
-(`--data.batch_size=16`) apply to the config. The first --warmup batches (pipeline build, worker
-start) are not timed.
+Measures the training loader of CONFIG (train list, train sampling and augmentation) for every decoder
+route asked for (`--decoders pyav,dali` on CPU; `--data.device=gpu` for NVDEC), and with --baseline
+standalone torch DataLoaders on the same clips (decode, crop, resize, flip, normalise in torch), all in
+one run. Fair by construction:
+- same cores: this process pins itself to `--cores` (default: all it may use) before anything starts;
+  DALI's worker processes and threads and the DataLoader workers inherit that (each DataLoader worker
+  also pins itself), and after every timed window the profiler checks the affinity of the whole
+  process tree;
+- same thread budget N (`--threads`, default data.num_workers): DALI num_threads = DALI py workers =
+  DataLoader workers = torch threads = N;
+- CPU-ms per clip = CPU time of this process and all its live descendants during the timed batches
+  (/proc/<pid>/stat, so other jobs on a shared machine do not count) / clips, beside clips/s;
+- decoded frames per kept frame, counted by an untimed replay of the same clips through the same
+  decode code (the DALI video decoder's figure is computed: it decodes from frame 0 to the highest
+  requested index, see docs/BENCHMARKS.md);
+- ratios against the best baseline of the same run (highest clips/s, lowest CPU-ms per clip).
+Baselines: pyav-seek (seek to the keyframe before every wanted frame, decode to it: the plain
+seek-per-frame PyAV loader; `pyav` is the same), pyav-seq (decode from frame 0 up to the last wanted
+frame), decord and torchcodec (when importable). The first --warmup batches are not timed.
 """
 
 from __future__ import annotations
@@ -14,11 +27,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
 
+import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,27 +42,23 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.config import ConfigError, DataConfig, DefaultsHelpFormatter, load_config, split_cli
+from engine.fileio import atomic_write_text
 
 from .listfile import ListFileError, read_list
-from .loader import ClipLoader, build_loader, sampling_options
+from .loader import ClipLoader, build_loader, sampling_options, source_kind
 from .sampling import clip_indices
 from .source import ClipSource, SpatialOptions, epoch_order
-from .video_io import decode_frames
+from .video_io import VideoIndex, decode_frames, index_video
+
+BASELINES = ("pyav-seek", "pyav-seq", "decord", "torchcodec")
+ALIASES = {"pyav": "pyav-seek"}
 
 
-def cpu_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine from /proc/stat (workers are other processes)."""
-    with open("/proc/stat") as f:
-        values = [float(v) for v in f.readline().split()[1:]]
-    idle = values[3] + values[4]
-    return sum(values) - idle, sum(values)
+# ---- process tree: CPU time and affinity -------------------------------------------------------
 
 
-def tree_cpu_seconds() -> float:
-    """CPU seconds used so far by this process and its live descendants (DALI / DataLoader workers).
-
-    Unlike the machine-wide figure this is not inflated by other jobs on a shared machine.
-    """
+def process_tree() -> set[int]:
+    """This process and its live descendants (DALI / DataLoader workers)."""
     parents: dict[int, int] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -61,8 +73,16 @@ def tree_cpu_seconds() -> float:
         kids = [c for c, p in parents.items() if p == pid and c not in tree]
         tree.update(kids)
         frontier += kids
+    return tree
+
+
+def tree_cpu_seconds(tree: set[int] | None = None) -> float:
+    """CPU seconds (user + system, all threads) used so far by the process tree.
+
+    Unlike a machine-wide figure this is not inflated by other jobs on a shared machine.
+    """
     ticks = 0
-    for pid in tree:
+    for pid in process_tree() if tree is None else tree:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -70,6 +90,28 @@ def tree_cpu_seconds() -> float:
         except (OSError, IndexError, ValueError):
             continue
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def pin(cores: set[int]) -> None:
+    """Pin every thread of this process (sched_setaffinity(0) alone moves only the calling thread;
+    libraries imported earlier may have started threads). Threads and processes started later inherit it."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # a thread that just ended
+            continue
+
+
+def tree_affinity() -> set[int]:
+    """Union of the CPU affinities of every thread in the process tree (what it can run on)."""
+    cores: set[int] = set()
+    for pid in process_tree():
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                cores |= os.sched_getaffinity(int(tid))
+        except OSError:
+            continue
+    return cores
 
 
 def gpu_stats() -> str:
@@ -91,11 +133,12 @@ def gpu_stats() -> str:
 @dataclasses.dataclass
 class Result:
     name: str
-    clips: int
-    frames: int
-    seconds: float
-    cpu: float
-    cores: float = 0.0  # CPU cores used by this process tree
+    kind: str  # route | baseline
+    clips: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0  # process tree, timed window
+    decoded_per_kept: float | None = None
+    decoded_note: str = ""  # "counted" | "computed" | why missing
     gpu: str = "-"
     error: str = ""
 
@@ -103,40 +146,102 @@ class Result:
     def clips_per_s(self) -> float:
         return self.clips / self.seconds if self.seconds else 0.0
 
+    @property
+    def cpu_ms_per_clip(self) -> float:
+        return 1000.0 * self.cpu_seconds / self.clips if self.clips else 0.0
 
-def timed(
-    name: str, batches: Iterable, warmup: int, count: int, clips_of: Callable, frames_per_clip: int
-) -> Result:
-    """Time `count` batches after `warmup` untimed ones."""
+    @property
+    def cores_used(self) -> float:
+        return self.cpu_seconds / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "clips_per_s": self.clips_per_s,
+                "cpu_ms_per_clip": self.cpu_ms_per_clip, "cores_used": self.cores_used}  # fmt: skip
+
+
+def timed(name: str, kind: str, batches: Iterable, warmup: int, count: int, clips_of: Callable,
+          cores: set[int]) -> Result:  # fmt: skip
+    """Time `count` batches after `warmup` untimed ones; CPU of the process tree over the same window."""
     it = iter(batches)
     for _ in range(warmup):
         next(it)
-    busy0, total0 = cpu_busy()
-    own0 = tree_cpu_seconds()
+    tree = process_tree()  # the workers are up after the warm-up
+    own0 = tree_cpu_seconds(tree)
     start, clips = time.perf_counter(), 0
     for _ in range(count):
         clips += clips_of(next(it))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    cores = (tree_cpu_seconds() - own0) / seconds
-    busy1, total1 = cpu_busy()
-    cpu = 100.0 * (busy1 - busy0) / max(total1 - total0, 1.0)
-    return Result(name, clips, clips * frames_per_clip, seconds, cpu, cores, gpu_stats())
+    cpu = tree_cpu_seconds(tree)
+    if process_tree() - tree:
+        raise RuntimeError(f"{name}: processes started inside the timed window (their CPU would be lost)")
+    outside = tree_affinity() - cores
+    if outside:
+        raise RuntimeError(f"{name}: a process of the tree may run on cores {sorted(outside)} (not pinned)")
+    return Result(name, kind, clips, seconds, cpu - own0, gpu=gpu_stats())
 
 
-def endless(loader: ClipLoader):
+def endless(loader):
     while True:
         yield from loader
 
 
-# ---- the standalone baseline --------------------------------------------------------------------
+# ---- the standalone baselines -------------------------------------------------------------------
+
+_INDEX: dict[str, VideoIndex] = {}  # per process, as the route's per-worker cache
 
 
-def baseline_decoder(name: str) -> Callable[[str, np.ndarray], np.ndarray]:
+def cached_index(path: str) -> VideoIndex:
+    if path not in _INDEX:
+        _INDEX[path] = index_video(path)
+    return _INDEX[path]
+
+
+def pyav_seek_per_frame(path: str, idx: np.ndarray, stats: dict | None = None) -> np.ndarray:
+    """The plain seek-per-frame PyAV loader: for every wanted frame seek to the keyframe before it and
+    decode up to it (PyAV's default threads, frame.to_ndarray)."""
+    index = cached_index(path)
+    frames, decoded = {}, 0
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        for i in sorted({int(i) for i in idx}):
+            container.seek(index.pts[i], stream=stream, backward=True)
+            for frame in container.decode(stream):
+                decoded += 1
+                if frame.pts is not None and frame.pts >= index.pts[i]:
+                    frames[i] = frame.to_ndarray(format="rgb24")
+                    break
+    if stats is not None:
+        stats["decoded"] = stats.get("decoded", 0) + decoded
+        stats["kept"] = stats.get("kept", 0) + len(idx)
+    return np.stack([frames[int(i)] for i in idx])
+
+
+def pyav_sequential(path: str, idx: np.ndarray, stats: dict | None = None) -> np.ndarray:
+    """The plain sequential PyAV loader: decode from frame 0 up to the last wanted frame."""
+    wanted, last = {int(i) for i in idx}, int(max(idx))
+    frames, decoded = {}, 0
+    with av.open(path) as container:
+        for k, frame in enumerate(container.decode(video=0)):
+            decoded += 1
+            if k in wanted:
+                frames[k] = frame.to_ndarray(format="rgb24")
+            if k >= last:
+                break
+    if stats is not None:
+        stats["decoded"] = stats.get("decoded", 0) + decoded
+        stats["kept"] = stats.get("kept", 0) + len(idx)
+    return np.stack([frames[int(i)] for i in idx])
+
+
+def baseline_decoder(name: str) -> Callable[..., np.ndarray]:
     """Frame-accurate decode -> uint8 (n, H, W, 3) with the named library."""
-    if name == "pyav":
-        return decode_frames
+    name = ALIASES.get(name, name)
+    if name == "pyav-seek":
+        return pyav_seek_per_frame
+    if name == "pyav-seq":
+        return pyav_sequential
     if name == "decord":
         import decord
 
@@ -171,10 +276,14 @@ class BaselineDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.order)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+    def indices(self, k: int) -> tuple[int, np.ndarray]:
         sid = int(self.order[k])
+        n = self.entries[sid].num_frames
+        return sid, clip_indices(n, "train", self.opts, self.data.seed, self.epoch, sid).ravel()
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+        sid, idx = self.indices(k)
         entry = self.entries[sid]
-        idx = clip_indices(entry.num_frames, "train", self.opts, self.data.seed, self.epoch, sid).ravel()
         frames = torch.from_numpy(baseline_decoder(self.decoder_name)(entry.path, idx))
         h, w = frames.shape[1:3]
         rois, mirror, label = self.spatial.spatial_params(w, h, entry.label, self.epoch, sid)
@@ -187,74 +296,154 @@ class BaselineDataset(torch.utils.data.Dataset):
         return (x - self.mean) / self.std, label
 
 
-def baseline_loader(data: DataConfig, decoder: str) -> torch.utils.data.DataLoader:
+class _PinWorker:
+    """DataLoader worker_init_fn: the worker pins itself to the profiler's cores, one torch thread."""
+
+    def __init__(self, cores: set[int]) -> None:
+        self.cores = cores
+
+    def __call__(self, worker_id: int) -> None:
+        os.sched_setaffinity(0, self.cores)
+        torch.set_num_threads(1)
+
+
+def baseline_loader(
+    data: DataConfig, decoder: str, cores: set[int] | None = None
+) -> torch.utils.data.DataLoader:
+    cores = cores or os.sched_getaffinity(0)
     return torch.utils.data.DataLoader(
         BaselineDataset(data, decoder), batch_size=data.batch_size, num_workers=data.num_workers,
         persistent_workers=data.num_workers > 0, prefetch_factor=data.prefetch if data.num_workers else None,
+        worker_init_fn=_PinWorker(cores),
     )  # fmt: skip
 
 
-def endless_torch(loader: torch.utils.data.DataLoader):
-    while True:
-        yield from loader
+# ---- decoded frames per kept frame (untimed replay of the same clips) ---------------------------
+
+
+def decoded_per_kept(data: DataConfig, decoder: str, clips: int) -> tuple[float | None, str]:
+    """(decoded / kept frames, how it was obtained) over the first `clips` clips of epoch 0."""
+    dataset = BaselineDataset(data, "pyav-seek")
+    decoded = kept = 0
+    stats: dict[str, int] = {}
+    for k in range(min(clips, len(dataset))):
+        sid, idx = dataset.indices(k)
+        path = dataset.entries[sid].path
+        if decoder == "route:pyav":
+            decode_frames(path, idx, cached_index(path), stats=stats)
+        elif decoder == "route:bytes":  # DALI's video decoder: frame 0 up to the highest index
+            decoded, kept = decoded + int(idx.max()) + 1, kept + len(idx)
+        elif decoder in ("pyav-seek", "pyav-seq"):
+            baseline_decoder(decoder)(path, idx, stats)
+        else:
+            return None, f"{decoder} does not report it"
+    if decoder == "route:bytes":
+        return decoded / max(kept, 1), "computed"
+    return stats.get("decoded", 0) / max(stats.get("kept", 1), 1), "counted"
 
 
 # ---- main ---------------------------------------------------------------------------------------
 
 
-def profile(
-    data: DataConfig, decoders: list[str], baselines: list[str], batches: int, warmup: int
-) -> list[Result]:
+def route_name(data: DataConfig, decoder: str) -> str:
+    if data.source == "frames":
+        return f"DALI {data.device} (JPEG folders)"
+    if data.device == "gpu":
+        return "DALI gpu (NVDEC)"
+    return f"DALI cpu ({decoder} decode)"
+
+
+def profile(data: DataConfig, decoders: list[str], baselines: list[str], batches: int, warmup: int,
+            cores: set[int]) -> list[Result]:  # fmt: skip
+    """One measurement of every route and baseline, one after the other."""
     results = []
-    fpc = sampling_options(data, None).frames_per_clip
+    clips = batches * data.batch_size
     for decoder in decoders:
         cfg = dataclasses.replace(data, cpu_decoder=decoder) if data.device == "cpu" else data
-        route = f"DALI {data.device}" + (f" ({decoder} decode)" if data.device == "cpu" else " (NVDEC)")
-        if data.source == "frames":
-            route = f"DALI {data.device} (JPEG folders)"
+        name = route_name(data, decoder)
         try:
-            loader = build_loader(cfg, "train", device_id=0 if data.device == "gpu" else None)
-            results.append(timed(route, endless(loader), warmup, batches, lambda b: len(b["labels"]), fpc))
-            loader.close()
+            loader: ClipLoader = build_loader(cfg, "train", device_id=0 if data.device == "gpu" else None)
+            try:
+                r = timed(name, "route", endless(loader), warmup, batches, lambda b: len(b["labels"]), cores)
+            finally:
+                loader.close()
+            if data.source != "frames":
+                r.decoded_per_kept, r.decoded_note = decoded_per_kept(cfg, f"route:{source_kind(cfg)}", clips)
+            results.append(r)
         except Exception as e:
-            results.append(Result(route, 0, 0, 0.0, 0.0, error=str(e).splitlines()[0][:240]))
+            results.append(Result(name, "route", error=str(e).splitlines()[0][:240]))
         if data.source == "frames":
             break
     for name in baselines:
         label = f"DataLoader + {name} ({data.num_workers} workers)"
-        if name != "pyav" and importlib.util.find_spec(name) is None:
-            results.append(Result(label, 0, 0, 0.0, 0.0, error=f"skipped: {name} is not importable"))
+        module = name.split("-")[0]
+        if module != "pyav" and importlib.util.find_spec(module) is None:
+            results.append(Result(label, "baseline", error=f"skipped: {name} is not importable"))
             continue
         try:
-            results.append(timed(label, endless_torch(baseline_loader(data, name)), warmup, batches,
-                                 lambda b: len(b[1]), fpc))  # fmt: skip
+            loader = baseline_loader(data, name, cores)
+            r = timed(label, "baseline", endless(loader), warmup, batches, lambda b: len(b[1]), cores)
+            del loader
+            r.decoded_per_kept, r.decoded_note = decoded_per_kept(data, name, clips)
+            results.append(r)
         except Exception as e:
-            results.append(Result(label, 0, 0, 0.0, 0.0, error=str(e).splitlines()[0][:240]))
+            results.append(Result(label, "baseline", error=str(e).splitlines()[0][:240]))
     return results
 
 
 def median_result(runs: list[Result]) -> Result:
-    """The run with the median clips/s (routes alternate within a repeat, so load drifts hit all)."""
+    """Per-metric medians over the repeats (routes alternate within a repeat, so load drifts hit all)."""
     if any(r.error for r in runs):
         return next(r for r in runs if r.error)
-    return sorted(runs, key=lambda r: r.clips_per_s)[len(runs) // 2]
+    clips = runs[0].clips
+    return dataclasses.replace(
+        runs[0],
+        seconds=clips / statistics.median(r.clips_per_s for r in runs),
+        cpu_seconds=statistics.median(r.cpu_seconds for r in runs),
+    )
+
+
+def best_baselines(results: list[Result]) -> tuple[Result | None, Result | None]:
+    """(highest clips/s, lowest CPU-ms per clip) among the baselines that ran."""
+    ok = [r for r in results if r.kind == "baseline" and not r.error and r.clips]
+    if not ok:
+        return None, None
+    return max(ok, key=lambda r: r.clips_per_s), min(ok, key=lambda r: r.cpu_ms_per_clip)
 
 
 def render(results: list[Result], title: str, console: Console) -> None:
     table = Table(title=title)
-    columns = ("route", "clips/s", "decoded frames/s", "loader CPU (cores)", "CPU util (machine)",
-               "GPU mem / NVDEC", "vs baseline")  # fmt: skip
+    columns = ("route", "clips/s", "vs best clips/s", "CPU-ms/clip", "vs best CPU-ms", "decoded/kept frame",
+               "cores used", "GPU mem / NVDEC")  # fmt: skip
     for col in columns:
         table.add_column(col, justify="left" if col == "route" else "right")
-    base = next((r for r in results if r.name.startswith("DataLoader") and not r.error), None)
+    fast, cheap = best_baselines(results)
     for r in results:
         if r.error:
-            table.add_row(r.name, "-", "-", "-", "-", "-", f"[red]{r.error}[/red]")
+            table.add_row(r.name, "-", "-", "-", "-", "-", "-", f"[red]{r.error}[/red]")
             continue
-        ratio = f"{r.clips_per_s / base.clips_per_s:.2f}x" if base and base.clips_per_s else "-"
-        fps = f"{r.frames / r.seconds:.0f}"
-        table.add_row(r.name, f"{r.clips_per_s:.1f}", fps, f"{r.cores:.2f}", f"{r.cpu:.0f}%", r.gpu, ratio)
+        speed = f"{r.clips_per_s / fast.clips_per_s:.2f}x" if fast else "-"
+        cost = f"{r.cpu_ms_per_clip / cheap.cpu_ms_per_clip:.2f}x" if cheap else "-"
+        dec = "-" if r.decoded_per_kept is None else f"{r.decoded_per_kept:.2f}"
+        if r.decoded_note == "computed":
+            dec += " (c)"
+        table.add_row(r.name, f"{r.clips_per_s:.1f}", speed, f"{r.cpu_ms_per_clip:.1f}", cost, dec,
+                      f"{r.cores_used:.2f}", r.gpu)  # fmt: skip
     console.print(table)
+    if fast:
+        console.print(f"best baseline: {fast.name} by clips/s, {cheap.name} by CPU-ms per clip; "
+                      "(c) = computed (DALI decodes from frame 0 to the highest index)")  # fmt: skip
+
+
+def parse_cores(text: str) -> set[int]:
+    """'0,1' or '0-3' or '' (all this process may use)."""
+    if not text:
+        return set(os.sched_getaffinity(0))
+    cores: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return cores
 
 
 def save_plot(results: list[Result], title: str, path: str) -> None:
@@ -264,7 +453,7 @@ def save_plot(results: list[Result], title: str, path: str) -> None:
 
     names = [r.name for r in results]
     rates = [0.0 if r.error else r.clips_per_s for r in results]
-    cores = [0.0 if r.error else r.cores for r in results]
+    cores = [0.0 if r.error else r.cores_used for r in results]
     errors = [r.error for r in results]
     atomic_write(path, lambda f: plot_throughput(names, rates, cores, title, f, errors))
     print(f"wrote {path}")
@@ -281,23 +470,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per route")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first (build, worker start)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per route (median reported)")
-    parser.add_argument("--baseline", action="append", choices=["pyav", "decord", "torchcodec"], default=[],
-                        help="standalone CPU loader(s) to compare with (repeatable)")  # fmt: skip
+    parser.add_argument("--baseline", action="append", choices=[*BASELINES, *ALIASES], default=[],
+                        help="standalone DataLoader(s) to compare with (repeatable)")  # fmt: skip
     parser.add_argument("--decoders", default="", help="cpu routes: pyav,dali (default: data.cpu_decoder)")
     parser.add_argument("--plot", metavar="PATH", help="also save the table as a bar chart (PNG)")
+    parser.add_argument("--cores", default="", help="pin everything to these cores: 0,1 or 0-3 (default all)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="thread budget N for every route (default data.num_workers): DALI threads, "
+                             "py workers, DataLoader workers and torch threads all = N")  # fmt: skip
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(rest)
     try:
         cfg = load_config(args.config, overrides)
+        cores = parse_cores(args.cores)
+        pin(cores)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    data = cfg.data
+    except (ValueError, OSError) as e:
+        print(f"error: --cores {args.cores!r}: {e}", file=sys.stderr)
+        return 2
+    budget = args.threads or cfg.data.num_workers
+    if budget < 1:
+        print("error: --threads / data.num_workers must be >= 1 for a fair comparison", file=sys.stderr)
+        return 2
+    data = dataclasses.replace(cfg.data, num_workers=budget, num_threads=budget)
+    torch.set_num_threads(budget)
     decoders = [d for d in args.decoders.split(",") if d] or [data.cpu_decoder]
     for d in decoders:
         if d not in ("pyav", "dali"):
             print(f"error: --decoders: {d!r} is not pyav or dali", file=sys.stderr)
             return 2
-    console = Console(width=150)
+    baselines = list(dict.fromkeys(ALIASES.get(b, b) for b in args.baseline))
+    console = Console(width=160)
     try:
         n = len(read_list(data.train_list, data.root))
     except ListFileError as e:
@@ -305,14 +510,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     fpc = sampling_options(data, None).frames_per_clip
     title = (f"{data.train_list}: {n} videos, {data.sampling} T={fpc}, batch {data.batch_size}, "
-             f"{args.repeats} repeat(s) (median), "
-             f"{data.input_size}px, {data.num_workers} workers, {data.num_threads} DALI threads, "
-             f"{args.batches} timed batches")  # fmt: skip
-    runs = [profile(data, decoders, args.baseline, args.batches, args.warmup) for _ in range(args.repeats)]
+             f"{data.input_size}px, cores {','.join(map(str, sorted(cores)))}, thread budget {budget} "
+             f"(DALI threads = workers = torch threads), {args.batches} timed batches, "
+             f"{args.repeats} repeat(s) (median)")  # fmt: skip
+    runs = [profile(data, decoders, baselines, args.batches, args.warmup, cores) for _ in range(args.repeats)]
     results = [median_result(list(same)) for same in zip(*runs, strict=True)]
     render(results, title, console)
     if args.plot:
         save_plot(results, title, args.plot)
+    if args.json:
+        fast, cheap = best_baselines(results)
+        doc = {"title": title, "command": ["python", "-m", "dali_pipes.profile", *argv],
+               "cores": sorted(cores), "thread_budget": budget,
+               "best_baseline_clips_per_s": fast.name if fast else None,
+               "best_baseline_cpu_ms": cheap.name if cheap else None,
+               "results": [r.as_dict() for r in results]}  # fmt: skip
+        atomic_write_text(args.json, json.dumps(doc, indent=2) + "\n")
     failed = [r for r in results if r.error and not r.error.startswith("skipped")]
     return 1 if failed else 0
 

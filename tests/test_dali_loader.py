@@ -6,10 +6,12 @@ Tiny VP9 clips (64x48, 32-48 frames); pipelines use batch 2-3, 1 thread, 1-2 wor
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -64,22 +66,52 @@ def entry_frames(root: Path, i: int) -> np.ndarray:
     return decode_all(str(root / f"videos/v {i}.webm"))
 
 
-@pytest.mark.parametrize("codec", ["vp9", "vp8", "h264", "mjpeg", "h264_bframes"])
-def test_pyav_seeking_is_exact(tmp_path, ffmpeg_available, codec):
+def encode_test_clip(tmp_path: Path, codec: str, frames: int = 40, gop: int = 8) -> str:
+    """A small clip; h264_bframes: x264 with 3 B-frames (b-pyramid: some B-frames are references)."""
     name = tmp_path / f"c.{'mp4' if codec.startswith('h264') else 'mkv'}"
     if codec == "h264_bframes":  # reordered frames + an mp4 edit list, as in real Kinetics files
+        if "libx264" not in av.codecs_available:
+            pytest.skip("PyAV's FFmpeg has no libx264 encoder")
         cmd = ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"testsrc=size={W}x{H}:rate=25",
-               "-frames:v", "40", "-c:v", "libx264", "-bf", "3", "-g", "8", str(name)]  # fmt: skip
+               "-frames:v", str(frames), "-c:v", "libx264", "-bf", "3", "-g", str(gop),
+               str(name)]  # fmt: skip
         subprocess.run(cmd, check=True)
-        path = str(name)
-    else:
-        path = str(write_clip(name, 40, W, H, codec=codec, gop=8))
+        return str(name)
+    return str(write_clip(name, frames, W, H, codec=codec, gop=gop))
+
+
+@pytest.mark.parametrize("codec", ["vp9", "vp8", "h264", "mjpeg", "h264_bframes"])
+def test_pyav_seeking_is_exact(tmp_path, ffmpeg_available, codec):
+    path = encode_test_clip(tmp_path, codec)
     ref = decode_all(path)
     assert index_video(path).num_frames == len(ref) == 40
     rng = np.random.default_rng(0)
     for _ in range(5):
         want = rng.integers(0, 40, size=8)
         assert np.array_equal(decode_frames(path, want), ref[want])
+
+
+@pytest.mark.parametrize("codec", ["vp9", "mjpeg", "h264_bframes"])
+def test_pyav_fast_path_is_exact(tmp_path, ffmpeg_available, codec):
+    """Skipping unreferenced frames, the reused reformatter and one decoder thread change no pixel:
+    every frame of the clip, reached alone, in pairs across GOPs, in TSN-like sets and unsorted with
+    repeats, equals the straight decode (plain to_ndarray); and the skipping really skips frames."""
+    path = encode_test_clip(tmp_path, codec, frames=60, gop=12)
+    ref = decode_all(path)
+    index = index_video(path)
+    rng = np.random.default_rng(1)
+    sets = [np.array([i]) for i in range(60)] + [np.array([i, i + 13]) for i in range(0, 47, 3)]
+    sets += [np.sort(rng.choice(60, 8, replace=False)) for _ in range(10)]
+    sets += [rng.integers(0, 60, size=8) for _ in range(5)] + [np.arange(60), np.array([59, 0, 59, 30])]
+    fast, slow = {}, {}
+    for want in sets:
+        assert np.array_equal(decode_frames(path, want, index, stats=fast), ref[want]), want
+        assert np.array_equal(decode_frames(path, want, index, skip_nonref=False, stats=slow), ref[want])
+    assert fast["kept"] == slow["kept"] == sum(len(w) for w in sets)
+    if codec == "h264_bframes":  # x264's non-reference B-frames are dropped between wanted frames
+        assert fast["decoded"] < 0.8 * slow["decoded"], (fast, slow)
+    if codec == "mjpeg":  # intra-only: only wanted frames are decoded
+        assert fast["decoded"] == sum(len(set(w.tolist())) for w in sets)
 
 
 def check_matches_indices(clips: np.ndarray, ref: np.ndarray, want: np.ndarray, tol: float) -> None:
@@ -332,18 +364,37 @@ def test_gpu_route_matches_cpu(dataset, source, tmp_path):
 
 
 def test_profiler_table(dataset, tmp_path, capsys):
-    from dali_pipes.profile import main
+    import json
+
+    from dali_pipes.profile import main, pin
 
     config = tmp_path / "p.yaml"
     config.write_text(f"data:\n  train_list: {dataset / 'list.txt'}\n  device: cpu\n  input_size: 32\n"
                       "  batch_size: 2\n  num_workers: 1\n  num_threads: 1\n")  # fmt: skip
-    rc = main([str(config), "--batches", "2", "--warmup", "1", "--decoders", "pyav,dali",
-               "--baseline", "pyav", "--baseline", "decord",
-               "--data.num_segments=4", "--model.num_segments=4"])  # fmt: skip
+    out_json = tmp_path / "bench.json"
+    cores = os.sched_getaffinity(0)
+    try:
+        rc = main([str(config), "--batches", "2", "--warmup", "1", "--decoders", "pyav,dali", "--cores", "0",
+                   "--baseline", "pyav", "--baseline", "pyav-seq", "--baseline", "decord",
+                   "--json", str(out_json), "--data.num_segments=4", "--model.num_segments=4"])  # fmt: skip
+    finally:
+        pin(cores)  # main pinned this process (pytest) to core 0
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "DALI cpu (pyav decode)" in out and "DALI cpu (dali decode)" in out and "1.00x" in out
+    assert "DALI cpu (pyav decode)" in out and "DALI cpu (dali decode)" in out and "CPU-ms/clip" in out
     assert "clips/s" in out and ("decord is not importable" in out or "DataLoader + decord" in out)
+    doc = json.loads(out_json.read_text())
+    assert doc["cores"] == [0] and doc["thread_budget"] == 1
+    rows = {r["name"].split(" (")[0] if r["kind"] == "baseline" else r["name"]: r for r in doc["results"]}
+    route, dali = rows["DALI cpu (pyav decode)"], rows["DALI cpu (dali decode)"]
+    seek, seq = rows["DataLoader + pyav-seek"], rows["DataLoader + pyav-seq"]
+    for r in (route, dali, seek, seq):
+        assert r["clips"] == 4 and r["cpu_ms_per_clip"] > 0 and r["clips_per_s"] > 0, r
+    # GOP 8, 4 segments over 32-48 frames: sequential decodes most, the route (NONREF skip) least
+    assert 1 <= route["decoded_per_kept"] <= seek["decoded_per_kept"] < seq["decoded_per_kept"]
+    assert dali["decoded_note"] == "computed" and dali["decoded_per_kept"] > seek["decoded_per_kept"]
+    names = [r["name"] for r in doc["results"] if r["kind"] == "baseline" and not r["error"]]
+    assert doc["best_baseline_cpu_ms"] in names and doc["best_baseline_clips_per_s"] in names
 
 
 def test_dali_cpu_decoder_rejects_h264_by_name(tmp_path, ffmpeg_available):

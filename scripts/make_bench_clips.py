@@ -1,0 +1,78 @@
+"""Benchmark clips: N videos of 10 s (250 frames at 25 fps), 426x320 by default, one codec and GOP.
+
+    python scripts/make_bench_clips.py OUT --codec h264|vp9|mjpeg [--gop 16] [--num 32] [--size 426x320]
+
+Content is FFmpeg's `testsrc2` (moving pattern, colour bars, counter) with per-clip hue, speed of the
+time-varying noise and seed, so every clip differs and inter-frame coding has real residuals to carry.
+H.264 is x264 `veryfast` with 3 B-frames (as most Kinetics mp4 files: reordered frames), VP9 is libvpx
+`good` quality with alt-ref frames (as YouTube webm), MJPEG every frame a keyframe. Writes
+OUT/videos/vNNN.<ext> and OUT/train.txt ("path frames label", labels cycling over 8 classes); existing
+clips are kept (re-running resumes). Needs ffmpeg on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ENCODERS = {
+    "h264": ("mp4", ["-c:v", "libx264", "-preset", "veryfast", "-bf", "3", "-crf", "23",
+                     "-pix_fmt", "yuv420p"]),
+    "vp9": ("webm", ["-c:v", "libvpx-vp9", "-deadline", "good", "-cpu-used", "5", "-b:v", "0", "-crf", "34",
+                     "-row-mt", "1", "-pix_fmt", "yuv420p"]),
+    "mjpeg": ("avi", ["-c:v", "mjpeg", "-q:v", "4", "-pix_fmt", "yuvj420p"]),
+}  # fmt: skip
+
+
+def encode(out: Path, codec: str, gop: int, size: str, seconds: int, seed: int) -> None:
+    ext, args = ENCODERS[codec]
+    path = out / "videos" / f"v{seed:03d}.{ext}"
+    if path.exists() and path.stat().st_size:
+        return
+    src = (f"testsrc2=size={size}:rate=25:duration={seconds},hue=h={seed * 37 % 360},"
+           f"noise=alls={6 + seed % 8}:allf=t+u:all_seed={seed}")  # fmt: skip
+    tmp = path.with_name(f".tmp.{path.name}")
+    cmd = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", src, *args, "-g", str(gop),
+           "-keyint_min", str(gop), "-sc_threshold", "0", "-an", "-f", {"mp4": "mp4", "webm": "webm",
+           "avi": "avi"}[ext], str(tmp)]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--codec", choices=sorted(ENCODERS), required=True)
+    p.add_argument("--gop", type=int, default=16, help="keyframe interval (ignored for mjpeg)")
+    p.add_argument("--num", type=int, default=32, help="number of clips")
+    p.add_argument("--size", default="426x320", help="WxH")
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    if not shutil.which("ffmpeg"):
+        print("error: ffmpeg not on PATH", file=sys.stderr)
+        return 2
+    (args.out / "videos").mkdir(parents=True, exist_ok=True)
+    gop = 1 if args.codec == "mjpeg" else args.gop
+    with ThreadPoolExecutor(args.jobs) as pool:
+        jobs = [pool.submit(encode, args.out, args.codec, gop, args.size, args.seconds, k)
+                for k in range(args.num)]
+        for job in jobs:
+            job.result()
+    ext = ENCODERS[args.codec][0]
+    frames = 25 * args.seconds
+    lines = [f"videos/v{s:03d}.{ext} {frames} {s % 8}\n" for s in range(args.num)]
+    tmp = args.out / ".train.txt.tmp"
+    tmp.write_text("".join(lines))
+    os.replace(tmp, args.out / "train.txt")
+    print(f"{args.out}/train.txt: {args.num} {args.codec} clips, GOP {gop}, {args.size}, {frames} frames")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
