@@ -35,11 +35,10 @@ from av.video.reformatter import VideoReformatter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.config import DataConfig  # noqa: E402
-
 from dali_pipes.loader import sampling_options  # noqa: E402
 from dali_pipes.sampling import clip_indices  # noqa: E402
 from dali_pipes.video_io import decode_frames, index_video  # noqa: E402
+from engine.config import DataConfig  # noqa: E402
 
 
 def old_module(rev: str):

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def synthetic(out: str, config: str, overrides: list[str], steps: int = 12, warmup: int = 3) -> dict:
     import torch
     import torch.nn.functional as F
-    from engine.config import load_config
 
+    from engine.config import load_config
     from models import build_model
 
     cfg = load_config(config, overrides)
