@@ -447,15 +447,15 @@ def parse_cores(text: str) -> set[int]:
 
 
 def save_plot(results: list[Result], title: str, path: str) -> None:
-    """The result table as a bar chart of clips/s per route (a failed route is a labelled gap)."""
+    """The result table as a bar chart: clips/s per route, labelled with CPU-ms per clip."""
     from engine.fileio import atomic_write
     from engine.plot import plot_throughput
 
     names = [r.name for r in results]
     rates = [0.0 if r.error else r.clips_per_s for r in results]
-    cores = [0.0 if r.error else r.cores_used for r in results]
+    cpu_ms = [0.0 if r.error else r.cpu_ms_per_clip for r in results]
     errors = [r.error for r in results]
-    atomic_write(path, lambda f: plot_throughput(names, rates, cores, title, f, errors))
+    atomic_write(path, lambda f: plot_throughput(names, rates, cpu_ms, title, f, errors))
     print(f"wrote {path}")
 
 

@@ -65,9 +65,9 @@ def test_a_failure_to_plot_only_warns(tmp_path, caplog):
 
 def test_profiler_bar_chart(tmp_path, capsys):
     results = [
-        Result("DALI cpu (pyav decode)", clips=80, frames=640, seconds=2.0, cpu=90.0, cores=1.5),
-        Result("DALI cpu (dali decode)", clips=120, frames=960, seconds=2.0, cpu=95.0, cores=1.1),
-        Result("DataLoader + decord (2 workers)", 0, 0, 0.0, 0.0, error="skipped: decord is not importable"),
+        Result("DALI cpu (pyav decode)", "route", clips=80, seconds=2.0, cpu_seconds=3.0),
+        Result("DALI cpu (dali decode)", "route", clips=120, seconds=2.0, cpu_seconds=2.2),
+        Result("DataLoader + decord (2 workers)", "baseline", error="skipped: decord is not importable"),
     ]
     out = tmp_path / "profile.png"
     save_plot(results, "list.txt: 8 videos, uniform T=8, batch 2", str(out))
