@@ -24,7 +24,7 @@ from engine.config import DataConfig, EvalConfig
 from .graph import clip_graph
 from .listfile import read_flip_pairs, read_list
 from .sampling import SamplingOptions, clip_indices
-from .source import ClipLoadError, ClipSource, SpatialOptions
+from .source import LEFT_OUT, ClipLoadError, ClipSource, SpatialOptions
 from .video_io import decode_frames
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,9 @@ class ClipLoader:
                 f"{list_path}: {self.num_videos} videos give no full batch of {self.batch} for rank {rank}/"
                 f"{world_size} (lower data.batch_size or use data.uneven: pad)"
             )
-        self.epoch, self.position, self.skipped = 0, 0, 0
+        self.epoch, self.position = 0, 0
+        # data.skip_bad: bad train samples replaced by another sample, bad val/test samples left out
+        self.replaced, self.left_out = 0, 0
         self._pipe = None
         self._pipe_at: tuple[int, int] | None = None  # (epoch, batch) the pipeline delivers next
 
@@ -125,12 +127,18 @@ class ClipLoader:
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
+    @property
+    def skipped(self) -> int:
+        """Bad samples so far (data.skip_bad): `replaced` in train, `left_out` in val/test."""
+        return self.replaced + self.left_out
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.skipped = int(state.get("skipped", 0))
+        skipped = int(state.get("skipped", 0))
+        self.replaced, self.left_out = (skipped, 0) if self.mode == "train" else (0, skipped)
 
     # ---- iteration ------------------------------------------------------------------------------
 
@@ -205,6 +213,9 @@ class ClipLoader:
             return pipe.run()
         except StopIteration:
             raise
+        except ClipLoadError:  # raised as is when the source runs in this process (num_workers: 0)
+            self.close()
+            raise
         except Exception as e:  # DALI wraps worker errors; surface ours, name the list otherwise
             self.close()
             text = str(e)
@@ -257,7 +268,10 @@ class ClipLoader:
         group = self.source.group
         if group > 1:  # frame folders: one DALI sample per frame
             labels, ids, replaced = labels[::group], ids[::group], replaced[::group]
-        self.skipped += int(replaced.sum())
+        if self.mode == "train":
+            self.replaced += int(replaced.sum())
+        else:
+            self.left_out += int((ids == LEFT_OUT).sum())
         n, crops, clip_n = len(ids), self.num_crops, self.num_clips
         c, h, w = clips.shape[-3:]
         if group > 1:

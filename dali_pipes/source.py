@@ -25,11 +25,12 @@ from .sampling import REPLACE, SPATIAL, SamplingOptions, clip_indices, sample_rn
 if TYPE_CHECKING:
     from engine.config import DataConfig, EvalConfig
 
-from .video_io import VideoIndex, VideoReadError, decode_frames, index_video
+from .video_io import VideoIndex, VideoReadError, decode_frames, index_video, rotation_refused
 
 log = logging.getLogger(__name__)
 DALI_CPU_CODECS = ("vp8", "vp9", "libvpx", "libvpx-vp9", "mjpeg")
 PAD = -1  # order entry of a padding slot in evaluation (dropped by the loader)
+LEFT_OUT = -2  # id of a bad val/test sample with skip_bad (dropped and counted by the loader)
 
 
 class ClipLoadError(RuntimeError):
@@ -64,6 +65,29 @@ def epoch_order(
     mine = np.arange(rank, num_videos, world)
     nb = math.ceil(len(mine) / batch)
     return np.concatenate([mine, np.full(nb * batch - len(mine), PAD, dtype=mine.dtype)])
+
+
+def check_jpeg_ends(name: str) -> None:
+    """Raise VideoReadError unless `name` starts like a JPEG and ends with its end-of-image marker.
+
+    Reads 2 + 64 bytes, so every frame of a clip can be checked by each of its frame samples (a
+    replacement must cover the whole clip, not one frame). Damage inside the image data is only found
+    by decoding it: prep.validate does that.
+    """
+    try:
+        size = os.path.getsize(name)
+        with open(name, "rb") as f:
+            head = f.read(2)
+            f.seek(max(size - 64, 0))
+            tail = f.read()
+    except OSError:
+        raise VideoReadError(f"frame file {name} missing (folder shorter than listed?)") from None
+    if size == 0:
+        raise VideoReadError(f"frame file {name} is empty (0 bytes)")
+    if head != b"\xff\xd8":
+        raise VideoReadError(f"frame file {name} is not a JPEG (data.source: frames decodes JPEG only)")
+    if not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise VideoReadError(f"frame file {name} is a truncated JPEG (no end-of-image marker)")
 
 
 @dataclass
@@ -163,10 +187,11 @@ class ClipSource:
                     log.warning("%s (data.skip_bad: replaced)", msg)
                 tried = int(sample_rng(self.seed, epoch, sid, REPLACE + attempt).integers(len(self.entries)))
                 continue
-            replaced = np.array(int(tried != sid), dtype=np.int32)
-            # train: the replacement's own line; eval: -2, so the loader drops it (each video once)
-            replacement_id = tried if self.split == "train" else -2
-            ident = np.array(out_id if tried == sid else replacement_id, dtype=np.int64)
+            # A padding slot (out_id PAD) is dropped anyway: its replacement is not counted.
+            replaced = np.array(int(tried != sid and out_id != PAD), dtype=np.int32)
+            # train: the replacement's own line; eval: LEFT_OUT, so the loader drops it (each video once)
+            replacement_id = tried if self.split == "train" else LEFT_OUT
+            ident = np.array(out_id if tried == sid or out_id == PAD else replacement_id, dtype=np.int64)
             return (*outputs, ident, replaced)
         raise ClipLoadError(f"{self.entries[sid].where}: 20 replacement samples in a row were bad too")
 
@@ -201,15 +226,10 @@ class ClipSource:
             names = [os.path.join(entry.path, self.frame_template.format(self.frame_start + int(i)))
                      for i in indices]  # fmt: skip
             for name in names:  # the whole clip, so every frame sample of it agrees on replacement
-                if not os.path.isfile(name) or os.path.getsize(name) == 0:
-                    raise VideoReadError(f"frame file {name} missing or empty (folder shorter than listed?)")
+                check_jpeg_ends(name)
             width, height = self._frame_size(entry)
-            name = names[frame_k]
-            with open(name, "rb") as f:
-                data = f.read()
-            if len(data) < 4 or data[:2] != b"\xff\xd8":
-                raise VideoReadError(f"frame file {name} is empty or not a JPEG")
-            payload: tuple = (np.frombuffer(data, dtype=np.uint8),)
+            with open(names[frame_k], "rb") as f:
+                payload: tuple = (np.frombuffer(f.read(), dtype=np.uint8),)
         elif self.kind == "pyav":
             idx = self._video_index(entry)
             frames = decode_frames(entry.path, indices, idx)
@@ -217,6 +237,8 @@ class ClipSource:
             payload = (frames,)
         else:  # bytes for fn.decoders.video; the index check keeps DALI from padding black frames
             idx = self._video_index(entry)
+            if idx.rotation:
+                raise VideoReadError(rotation_refused(idx.rotation))
             if self.device == "cpu" and idx.codec not in DALI_CPU_CODECS:
                 raise VideoReadError(
                     f"codec {idx.codec} is not supported by DALI's CPU video decoder (VP8/VP9/MJPEG); "
