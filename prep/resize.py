@@ -149,6 +149,13 @@ def shorter_than_source(source_seconds: float, frames: int, rate: str) -> str:
     return ""
 
 
+def _packet_count(path: Path) -> int | None:
+    try:
+        return probe_video(path, count="packets").num_frames
+    except ProbeError:
+        return None
+
+
 def convert(job: Job, opts: Options) -> tuple[str, str]:
     """Encode one file; returns ("done", "") or ("failed", reason). Never raises for a bad file.
 
@@ -169,6 +176,8 @@ def convert(job: Job, opts: Options) -> tuple[str, str]:
     try:
         proc = subprocess.run(ffmpeg_command(job.src, tmp, rate, opts), capture_output=True, text=True)
         if proc.returncode != 0:
+            if _packet_count(job.src) == 0:  # ffmpeg's own words are cryptic here
+                return "failed", "zero frames: the source's video stream has no frames"
             return "failed", f"ffmpeg exit status {proc.returncode}: {_last_lines(proc.stderr)}"
         if proc.stderr.strip():
             return "failed", f"decode errors (damaged or cut source): {_last_lines(proc.stderr)}"
