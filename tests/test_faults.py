@@ -331,6 +331,24 @@ def test_loader_skip_bad_val_leaves_out_and_counts(videos: Path, skip_list: Path
     assert loader.left_out == len(bad_ids) and loader.replaced == 0
 
 
+def test_loader_worker_processes_name_the_line_and_file_too(videos: Path, tmp_path: Path) -> None:
+    """With DALI worker processes (num_workers > 0) the error crosses a process boundary: same message."""
+    listed = tmp_path / "pair.txt"
+    listed.write_text(f"good.webm {FRAMES} 0\nrotated.mp4 {FRAMES} 1\n")
+    expected = rf"^{re.escape(str(listed))}:2: bad sample .*rotated.mp4: .*rotation 90"
+    with pytest.raises(ClipLoadError, match=expected):
+        run_loader(data_cfg(listed, root=str(videos), num_workers=1), "val")
+
+
+@pytest.mark.parametrize("mode", ["val", "test"])
+def test_loader_eval_padding_is_not_counted_as_left_out(videos: Path, tmp_path: Path, mode: str) -> None:
+    """3 videos in batches of 2: the padding slot re-reads line 1, which is bad; it is left out once."""
+    listed = tmp_path / "pad.txt"
+    listed.write_text(f"empty.webm {FRAMES} 0\ngood.webm {FRAMES} 1\nodd_65x49.webm {FRAMES} 1\n")
+    ids, loader = run_loader(data_cfg(listed, root=str(videos), skip_bad=True), mode)
+    assert ids == [1, 2] and loader.left_out == 1 and loader.skipped == 1
+
+
 def test_loader_open_gop_frames_are_exact(videos: Path) -> None:
     """Seeking into open GOPs (leading B-frames) returns the frames a straight decode returns."""
     path = str(videos / "open_gop.mp4")
