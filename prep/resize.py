@@ -178,7 +178,8 @@ def convert(job: Job, opts: Options) -> tuple[str, str]:
         if proc.returncode != 0:
             if _packet_count(job.src) == 0:  # ffmpeg's own words are cryptic here
                 return "failed", "zero frames: the source's video stream has no frames"
-            return "failed", f"ffmpeg exit status {proc.returncode}: {_last_lines(proc.stderr)}"
+            why = "it stops at the first decode error: a damaged or cut source?"
+            return "failed", f"ffmpeg exit status {proc.returncode} ({why}): {_last_lines(proc.stderr)}"
         if proc.stderr.strip():
             return "failed", f"decode errors (damaged or cut source): {_last_lines(proc.stderr)}"
         try:
