@@ -340,6 +340,14 @@ def test_loader_worker_processes_name_the_line_and_file_too(videos: Path, tmp_pa
         run_loader(data_cfg(listed, root=str(videos), num_workers=1), "val")
 
 
+def test_loader_dali_decoder_route_refuses_rotation_too(videos: Path, tmp_path: Path) -> None:
+    """data.cpu_decoder: dali (file bytes to DALI's decoder, as on the GPU) checks the rotation first."""
+    listed = tmp_path / "one.txt"
+    listed.write_text(f"rotated.mp4 {FRAMES} 1\n")
+    with pytest.raises(ClipLoadError, match=r"one.txt:1: bad sample .*rotated.mp4: display rotation 90"):
+        run_loader(data_cfg(listed, root=str(videos), cpu_decoder="dali", batch_size=1), "val")
+
+
 @pytest.mark.parametrize("mode", ["val", "test"])
 def test_loader_eval_padding_is_not_counted_as_left_out(videos: Path, tmp_path: Path, mode: str) -> None:
     """3 videos in batches of 2: the padding slot re-reads line 1, which is bad; it is left out once."""
