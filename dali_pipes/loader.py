@@ -58,6 +58,10 @@ def source_kind(data: DataConfig) -> str:
     return "pyav"
 
 
+class _MarkedBad(Exception):
+    """A sample DALI failed on was marked bad (skip_bad): build the pipeline again and redo the batch."""
+
+
 class ClipLoader:
     """Iterable of {"clips", "labels", "ids"} batches for one rank (see CONTRACTS.md)."""
 
@@ -148,12 +152,12 @@ class ClipLoader:
         if self._len == 0:
             self.epoch += 1
             return
-        pipe = self._pipeline()
         while self.position < self._len:
-            outputs = self._run(pipe)
+            outputs = self._next_outputs()
             self.position += 1
             self._pipe_at = (self.epoch, self.position)
             yield self._to_batch(outputs)
+        pipe = self._pipeline()
         try:
             self._run(pipe)
             raise RuntimeError(f"{self.list_path}: the pipeline produced more batches than planned")
@@ -208,6 +212,17 @@ class ClipLoader:
         self._pipe, self._pipe_at = pipe, (self.epoch, self.position)
         return pipe
 
+    def _next_outputs(self) -> tuple:
+        """The next batch. With skip_bad, a sample that only DALI's decoder fails on (found by
+        `_find_bad_sample`) is marked bad in the source and the batch is rebuilt from the same position,
+        so it is replaced (train) or left out (val/test) like any other bad sample."""
+        for _ in range(len(self.source.entries) + 1):  # each retry marks another list line bad
+            try:
+                return self._run(self._pipeline())
+            except _MarkedBad:
+                continue
+        raise RuntimeError(f"{self.list_path}: every sample of batch {self.position} failed in DALI")
+
     def _run(self, pipe) -> tuple:
         try:
             return pipe.run()
@@ -224,7 +239,12 @@ class ClipLoader:
                 raise ClipLoadError(found.group(1).strip()) from None
             culprit = self._find_bad_sample()
             if culprit:
-                raise ClipLoadError(culprit) from None
+                sid, reason = culprit
+                if self.data.skip_bad:
+                    self.source.known_bad[sid] = reason
+                    raise _MarkedBad from None
+                entry = self.source.entries[sid]
+                raise ClipLoadError(f"{entry.where}: bad sample {entry.path}: {reason}") from None
             lines = [ln for ln in text.splitlines() if ln.strip()]
             detail = "\n".join(lines[:1] + lines[-3:])
             raise RuntimeError(
@@ -232,14 +252,22 @@ class ClipLoader:
                 f"(a corrupt file? run `python -m prep.validate {self.list_path}`):\n{detail}"
             ) from None
 
-    def _find_bad_sample(self) -> str | None:
-        """After DALI failed a batch: decode its samples one by one (PyAV / PIL) to name the bad one."""
+    def _find_bad_sample(self) -> tuple[int, str] | None:
+        """After DALI failed a batch: decode its samples one by one (PyAV / PIL) to name the bad one.
+
+        Returns (list line, why) of the first sample DALI was given that does not decode here.
+        """
         from PIL import Image
 
         src = self.source
         order = src.order(self.epoch)
-        for sid in order[self.position * self.batch : (self.position + 1) * self.batch]:
-            sid = int(sid) if sid >= 0 else int(order[0])
+        for slot in order[self.position * self.batch : (self.position + 1) * self.batch]:
+            slot = int(slot) if slot >= 0 else int(order[0])
+            # the line DALI was given for this slot: itself, or (skip_bad) its replacement
+            fed = [c for c in src.candidates(slot, self.epoch) if c not in src.known_bad]
+            sid = next((c for c in fed if src.readable(c, self.epoch)), None)
+            if sid is None:
+                continue
             entry = src.entries[sid]
             frames = clip_indices(entry.num_frames, self.mode, self.sampling, src.seed, self.epoch, sid)
             frames = frames.ravel()
@@ -252,7 +280,7 @@ class ClipLoader:
                 else:
                     decode_frames(entry.path, frames)
             except Exception as e:
-                return f"{entry.where}: bad sample {entry.path}: {e} (found after DALI failed its batch)"
+                return sid, f"{e} (found after DALI failed its batch)"
         return None
 
     def _to_torch(self, tensor_list, device: torch.device) -> torch.Tensor:

@@ -142,6 +142,8 @@ class ClipSource:
     device: str = "cpu"  # where kind "bytes" decodes: DALI's CPU decoder knows only DALI_CPU_CODECS
     base_epoch: int = 0
     start_batch: int = 0
+    # list line -> why, for samples only DALI's decoder failed on (the loader fills it with skip_bad)
+    known_bad: dict[int, str] = field(default_factory=dict, repr=False)
     _orders: dict = field(default_factory=dict, repr=False)
     _index: dict = field(default_factory=dict, repr=False)
 
@@ -171,11 +173,25 @@ class ClipSource:
             sid = int(order[0])
         return self.load(sid, epoch, frame_k, out_id)
 
+    def candidates(self, sid: int, epoch: int) -> list[int]:
+        """List lines `load` tries for `sid`, in order: itself, then (skip_bad) 19 replacements."""
+        if not self.skip_bad:
+            return [sid]
+        n = len(self.entries)
+        return [sid] + [int(sample_rng(self.seed, epoch, sid, REPLACE + a).integers(n)) for a in range(19)]
+
+    def readable(self, sid: int, epoch: int) -> bool:
+        """Whether `load` would accept list line `sid` itself (the loader asks after DALI failed)."""
+        try:
+            self._load_one(sid, epoch, 0)
+        except (VideoReadError, OSError):
+            return False
+        return True
+
     def load(self, sid: int, epoch: int, frame_k: int = 0, out_id: int | None = None) -> tuple:
         """The outputs for list line `sid`, or a deterministic replacement when skip_bad."""
         out_id = sid if out_id is None else out_id
-        tried = sid
-        for attempt in range(20 if self.skip_bad else 1):
+        for tried in self.candidates(sid, epoch):
             try:
                 outputs = self._load_one(tried, epoch, frame_k)
             except (VideoReadError, OSError) as e:
@@ -185,7 +201,6 @@ class ClipSource:
                     raise ClipLoadError(msg) from None
                 if frame_k == 0:
                     log.warning("%s (data.skip_bad: replaced)", msg)
-                tried = int(sample_rng(self.seed, epoch, sid, REPLACE + attempt).integers(len(self.entries)))
                 continue
             # A padding slot (out_id PAD) is dropped anyway: its replacement is not counted.
             replaced = np.array(int(tried != sid and out_id != PAD), dtype=np.int32)
@@ -219,6 +234,8 @@ class ClipSource:
 
     def _load_one(self, sid: int, epoch: int, frame_k: int) -> tuple:
         entry = self.entries[sid]
+        if sid in self.known_bad:
+            raise VideoReadError(self.known_bad[sid])
         indices = clip_indices(entry.num_frames, self.split, self.sampling, self.seed, epoch, sid).ravel()
         if self.kind == "frames":
             if not os.path.isdir(entry.path):

@@ -10,6 +10,7 @@ stalling the run.
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import re
 import shutil
@@ -444,6 +445,12 @@ def _frame_damaged(folder: Path) -> None:
     (folder / "00004.jpg").write_bytes(bytes(data))
 
 
+def _frame_no_image_data(folder: Path) -> None:
+    """Headers and end marker intact, no image data: passes the loader's marker check, fails DALI."""
+    data = (folder / "00004.jpg").read_bytes()
+    (folder / "00004.jpg").write_bytes(data[: data.find(b"\xff\xda")] + b"\xff\xd9")
+
+
 def _folder_empty(folder: Path) -> None:
     for image in folder.iterdir():
         image.unlink()
@@ -468,6 +475,7 @@ FOLDER_CASES = [
     FolderCase("frame_png_as_jpg", _frame_png, "undecodable", "bad", "PNG|not a JPEG"),
     FolderCase("frame_truncated_jpeg", _frame_truncated, "truncated", "bad", "truncated"),
     FolderCase("frame_damaged_jpeg", _frame_damaged, "undecodable", "ok", "damaged"),
+    FolderCase("frame_no_image_data", _frame_no_image_data, "undecodable", "bad", "after DALI failed|cannot"),
     FolderCase("folder_empty", _folder_empty, "zero frames", "bad", "no images|missing"),
     FolderCase("folder_missing", _folder_missing, "missing", "bad", "no such file|not found"),
 ]
@@ -533,6 +541,20 @@ def test_loader_frame_folders_skip_bad(folders: Path) -> None:
     assert len(ids) == n and not bad_ids & set(ids) and train.replaced == len(bad_ids)
     ids, val = run_loader(frames_cfg(folders / "all.txt", skip_bad=True, batch_size=3), "val")
     assert sorted(ids) == sorted(set(range(n)) - bad_ids) and val.left_out == len(bad_ids)
+
+
+def test_loader_skip_bad_recovers_from_a_sample_only_dali_fails_on(folders: Path, tmp_path: Path) -> None:
+    """No image data behind intact markers: DALI's decoder fails the batch (in a worker process here);
+    with skip_bad the loader names the sample, marks it bad and redoes the batch with it replaced."""
+    copy = shutil.copytree(folders / "good", tmp_path / "good_copy")
+    listed = tmp_path / "three.txt"  # absolute paths: the list's folder is not the data root
+    lines = [(folders / "good", 0), (folders / "frame_no_image_data", 1), (copy, 0)]
+    listed.write_text("".join(f"{path} {FOLDER_FRAMES} {label}\n" for path, label in lines))
+    data = frames_cfg(listed, skip_bad=True, batch_size=1, num_workers=1)
+    ids, train = run_loader(data, "train")
+    assert len(ids) == 3 and 1 not in ids and train.replaced == 1
+    ids, val = run_loader(dataclasses.replace(data, batch_size=3), "val")
+    assert ids == [0, 2] and val.left_out == 1
 
 
 # ---- list file cases ---------------------------------------------------------------------------------
