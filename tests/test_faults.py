@@ -641,3 +641,23 @@ def test_validate_empty_list_exits_2_with_one_line(list_root: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "no samples" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_lists_writes_each_file_once_per_list(tmp_path: Path) -> None:
+    """An annotation file naming a video twice: prep.lists keeps the first and reports the second, so its
+    lists pass the duplicate rule of the loader and prep.validate."""
+    from prep.lists import main as lists_main
+
+    ann, frames, out = tmp_path / "ann", tmp_path / "frames", tmp_path / "lists"
+    ann.mkdir()
+    (ann / "something-something-v1-labels.csv").write_text("Tearing something\n")
+    (ann / "something-something-v1-train.csv").write_text("11;Tearing something\n11;Tearing something\n")
+    (ann / "something-something-v1-validation.csv").write_text("11;Tearing something\n")
+    (frames / "11").mkdir(parents=True)
+    for k in range(FOLDER_FRAMES):
+        (frames / "11" / f"{k + 1:05d}.jpg").write_bytes(_jpeg_bytes(k))
+    argv = ["sthv1", "--annotations", str(ann), "--frames", str(frames), "--out", str(out), "--quiet"]
+    assert lists_main([*argv, "--jobs", "1"]) == 0
+    assert len(read_list(out / "train.txt")) == 1 and len(read_list(out / "val.txt")) == 1
+    report = (out / "lists-report.tsv").read_text()
+    assert "train.csv:2" in report and "annotated again in train (kept: " in report
