@@ -196,7 +196,8 @@ class ClipSource:
                 outputs = self._load_one(tried, epoch, frame_k)
             except (VideoReadError, OSError) as e:
                 entry = self.entries[tried]
-                msg = f"{entry.where}: bad sample {entry.path}: {e}"
+                why = str(e).removeprefix(f"{entry.path}: ")  # video_io names the path too: once is enough
+                msg = f"{entry.where}: bad sample {entry.path}: {why}"
                 if not self.skip_bad:
                     raise ClipLoadError(msg) from None
                 if frame_k == 0:
