@@ -1,12 +1,26 @@
-"""List files (`relative/path num_frames label`, one sample per line) and flip-pair files.
+"""List files (`relative/path num_frames label`, one sample per line) and flip-pairs files.
 
 Every problem is reported as `file:line: why`, so a user can open the file at the bad line.
+This is the one parser for lists: the loader (`read_list`, which refuses a list with any bad line)
+and prep.validate (`parse_list`, which reports every bad line and keeps the good ones) share its rules:
+
+- UTF-8 text; a byte-order mark at the start is ignored, CRLF line endings are accepted.
+- Blank lines and comment lines (first non-blank character `#`) are skipped; they still count in
+  line numbers. A `#` later in a line is part of the path.
+- The last two whitespace-separated fields are num_frames (>= 1) and label (>= 0, below the class
+  count when one is known), plain ASCII digits; everything before them is the path, which may hold
+  spaces. A line whose path ends in a separate number field (`a.webm 10 0 3`) has too many fields.
+- Each file once: a path listed again (after joining to the root) is a duplicate line.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+MALFORMED = "malformed line"
+DUPLICATE = "duplicate line"
 
 
 class ListFileError(ValueError):
@@ -22,42 +36,104 @@ class Entry:
     label: int
     line: int
     list_file: str
+    rel: str = ""  # the path as written in the list
+    text: str = ""  # the whole line as written (no line ending)
 
     @property
     def where(self) -> str:
         return f"{self.list_file}:{self.line}"
 
 
-def read_list(list_path: str | Path, root: str | Path = "") -> list[Entry]:
-    """Parse a list; paths are joined to `root` (default: the list file's directory).
+@dataclass(frozen=True)
+class LineProblem:
+    """A list line that is not a usable sample: `kind` is MALFORMED or DUPLICATE."""
 
-    Blank lines and lines starting with '#' are skipped; the sample id is the index in the returned list.
+    list_file: str
+    line: int
+    kind: str
+    reason: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.list_file}:{self.line}"
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+def _is_count(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _parse_line(text: str, num_classes: int | None) -> tuple[str, int, int] | str:
+    """(path, num_frames, label), or why the line is malformed."""
+    fields = text.split()
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    if len(fields) < 3:
+        return f"expected 'path num_frames label' (3 fields), got {len(fields)}: {shown!r}"
+    if len(fields) > 3 and _is_count(fields[-3]):
+        return f"too many fields: expected 'path num_frames label', got {shown!r}"
+    rel, frames, label = text.rsplit(maxsplit=2)
+    if not (_is_count(frames) and _is_count(label)):
+        return f"num_frames and label must be integers >= 0, got {shown!r}"
+    if int(frames) < 1:
+        return f"num_frames must be >= 1, got {frames}"
+    if num_classes is not None and int(label) >= num_classes:
+        return f"label {label} is out of range: there are {num_classes} classes (0..{num_classes - 1})"
+    return rel, int(frames), int(label)
+
+
+def parse_list(
+    list_path: str | Path, root: str | Path = "", num_classes: int | None = None
+) -> tuple[list[Entry], list[LineProblem]]:
+    """Every good sample line and every bad line with its reason (see the module rules).
+
+    Paths are joined to `root` (default: the list file's directory); the sample id of an entry is its
+    index in the returned list.
     """
     list_path = Path(list_path)
     if not list_path.is_file():
         raise ListFileError(f"{list_path}: list file not found")
     base = Path(root) if root else list_path.parent
+    data = list_path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
     entries: list[Entry] = []
-    for lineno, raw in enumerate(list_path.read_text().splitlines(), start=1):
-        line = raw.strip()
+    problems: list[LineProblem] = []
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            problems.append(LineProblem(str(list_path), lineno, MALFORMED, f"not UTF-8 text ({e.reason})"))
+            continue
+        line = text.strip()
         if not line or line.startswith("#"):
             continue
-        parts = line.rsplit(maxsplit=2)
-        where = f"{list_path}:{lineno}"
-        if len(parts) != 3:
-            raise ListFileError(f"{where}: expected 'path num_frames label', got {raw!r}")
-        rel, frames, label = parts
-        try:
-            num_frames, lab = int(frames), int(label)
-        except ValueError:
-            raise ListFileError(f"{where}: num_frames and label must be integers, got {raw!r}") from None
-        if num_frames < 1:
-            raise ListFileError(f"{where}: num_frames must be >= 1, got {num_frames}")
-        if lab < 0:
-            raise ListFileError(f"{where}: label must be >= 0, got {lab}")
-        entries.append(Entry(str(base / rel), num_frames, lab, lineno, str(list_path)))
+        parsed = _parse_line(line, num_classes)
+        if isinstance(parsed, str):
+            problems.append(LineProblem(str(list_path), lineno, MALFORMED, parsed))
+            continue
+        rel, num_frames, label = parsed
+        path = str(base / rel)
+        key = os.path.normpath(path)
+        if key in seen:
+            why = f"{rel} is already listed on line {seen[key]} (each sample once)"
+            problems.append(LineProblem(str(list_path), lineno, DUPLICATE, why))
+            continue
+        seen[key] = lineno
+        entries.append(Entry(path, num_frames, label, lineno, str(list_path), rel, line))
+    return entries, problems
+
+
+def read_list(list_path: str | Path, root: str | Path = "", num_classes: int | None = None) -> list[Entry]:
+    """The samples of a list; any bad line (or no sample at all) is a ListFileError naming file:line."""
+    entries, problems = parse_list(list_path, root, num_classes)
+    if problems:
+        more = f" (and {len(problems) - 1} more bad lines)" if len(problems) > 1 else ""
+        raise ListFileError(f"{problems[0]}{more}; `python -m prep.validate {list_path}` writes a clean list")
     if not entries:
-        raise ListFileError(f"{list_path}: the list has no samples")
+        raise ListFileError(f"{list_path}: the list has no samples (empty, or only blank and comment lines)")
     return entries
 
 

@@ -24,7 +24,7 @@ from engine.config import DataConfig, EvalConfig
 from .graph import clip_graph
 from .listfile import read_flip_pairs, read_list
 from .sampling import SamplingOptions, clip_indices
-from .source import ClipLoadError, ClipSource, SpatialOptions
+from .source import LEFT_OUT, ClipLoadError, ClipSource, SpatialOptions
 from .video_io import decode_frames
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,10 @@ def source_kind(data: DataConfig) -> str:
     if data.device == "gpu" or data.cpu_decoder == "dali":
         return "bytes"
     return "pyav"
+
+
+class _MarkedBad(Exception):
+    """A sample DALI failed on was marked bad (skip_bad): build the pipeline again and redo the batch."""
 
 
 class ClipLoader:
@@ -111,7 +115,9 @@ class ClipLoader:
                 f"{list_path}: {self.num_videos} videos give no full batch of {self.batch} for rank {rank}/"
                 f"{world_size} (lower data.batch_size or use data.uneven: pad)"
             )
-        self.epoch, self.position, self.skipped = 0, 0, 0
+        self.epoch, self.position = 0, 0
+        # data.skip_bad: bad train samples replaced by another sample, bad val/test samples left out
+        self.replaced, self.left_out = 0, 0
         self._pipe = None
         self._pipe_at: tuple[int, int] | None = None  # (epoch, batch) the pipeline delivers next
 
@@ -126,12 +132,18 @@ class ClipLoader:
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
+    @property
+    def skipped(self) -> int:
+        """Bad samples so far (data.skip_bad): `replaced` in train, `left_out` in val/test."""
+        return self.replaced + self.left_out
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.skipped = int(state.get("skipped", 0))
+        skipped = int(state.get("skipped", 0))
+        self.replaced, self.left_out = (skipped, 0) if self.mode == "train" else (0, skipped)
 
     # ---- iteration ------------------------------------------------------------------------------
 
@@ -141,12 +153,12 @@ class ClipLoader:
         if self._len == 0:
             self.epoch += 1
             return
-        pipe = self._pipeline()
         while self.position < self._len:
-            outputs = self._run(pipe)
+            outputs = self._next_outputs()
             self.position += 1
             self._pipe_at = (self.epoch, self.position)
             yield self._to_batch(outputs)
+        pipe = self._pipeline()
         try:
             self._run(pipe)
             raise RuntimeError(f"{self.list_path}: the pipeline produced more batches than planned")
@@ -201,10 +213,24 @@ class ClipLoader:
         self._pipe, self._pipe_at = pipe, (self.epoch, self.position)
         return pipe
 
+    def _next_outputs(self) -> tuple:
+        """The next batch. With skip_bad, a sample that only DALI's decoder fails on (found by
+        `_find_bad_sample`) is marked bad in the source and the batch is rebuilt from the same position,
+        so it is replaced (train) or left out (val/test) like any other bad sample."""
+        for _ in range(len(self.source.entries) + 1):  # each retry marks another list line bad
+            try:
+                return self._run(self._pipeline())
+            except _MarkedBad:
+                continue
+        raise RuntimeError(f"{self.list_path}: every sample of batch {self.position} failed in DALI")
+
     def _run(self, pipe) -> tuple:
         try:
             return pipe.run()
         except StopIteration:
+            raise
+        except ClipLoadError:  # raised as is when the source runs in this process (num_workers: 0)
+            self.close()
             raise
         except Exception as e:  # DALI wraps worker errors; surface ours, name the list otherwise
             self.close()
@@ -214,7 +240,12 @@ class ClipLoader:
                 raise ClipLoadError(found.group(1).strip()) from None
             culprit = self._find_bad_sample()
             if culprit:
-                raise ClipLoadError(culprit) from None
+                sid, reason = culprit
+                if self.data.skip_bad:
+                    self.source.known_bad[sid] = reason
+                    raise _MarkedBad from None
+                entry = self.source.entries[sid]
+                raise ClipLoadError(f"{entry.where}: bad sample {entry.path}: {reason}") from None
             lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
             detail = " | ".join(dict.fromkeys(lines[:1] + lines[-3:]))  # one line for the CLIs
             raise ClipLoadError(
@@ -222,14 +253,22 @@ class ClipLoader:
                 f"(a corrupt file? run `python -m prep.validate {self.list_path}`): {detail}"
             ) from None
 
-    def _find_bad_sample(self) -> str | None:
-        """After DALI failed a batch: decode its samples one by one (PyAV / PIL) to name the bad one."""
+    def _find_bad_sample(self) -> tuple[int, str] | None:
+        """After DALI failed a batch: decode its samples one by one (PyAV / PIL) to name the bad one.
+
+        Returns (list line, why) of the first sample DALI was given that does not decode here.
+        """
         from PIL import Image
 
         src = self.source
         order = src.order(self.epoch)
-        for sid in order[self.position * self.batch : (self.position + 1) * self.batch]:
-            sid = int(sid) if sid >= 0 else int(order[0])
+        for slot in order[self.position * self.batch : (self.position + 1) * self.batch]:
+            slot = int(slot) if slot >= 0 else int(order[0])
+            # the line DALI was given for this slot: itself, or (skip_bad) its replacement
+            fed = [c for c in src.candidates(slot, self.epoch) if c not in src.known_bad]
+            sid = next((c for c in fed if src.readable(c, self.epoch)), None)
+            if sid is None:
+                continue
             entry = src.entries[sid]
             frames = clip_indices(entry.num_frames, self.mode, self.sampling, src.seed, self.epoch, sid)
             frames = frames.ravel()
@@ -242,7 +281,7 @@ class ClipLoader:
                 else:
                     decode_frames(entry.path, frames)
             except Exception as e:
-                return f"{entry.where}: bad sample {entry.path}: {e} (found after DALI failed its batch)"
+                return sid, f"{e} (found after DALI failed its batch)"
         return None
 
     def _to_torch(self, tensor_list, device: torch.device) -> torch.Tensor:
@@ -258,7 +297,10 @@ class ClipLoader:
         group = self.source.group
         if group > 1:  # frame folders: one DALI sample per frame
             labels, ids, replaced = labels[::group], ids[::group], replaced[::group]
-        self.skipped += int(replaced.sum())
+        if self.mode == "train":
+            self.replaced += int(replaced.sum())
+        else:
+            self.left_out += int((ids == LEFT_OUT).sum())
         n, crops, clip_n = len(ids), self.num_crops, self.num_clips
         c, h, w = clips.shape[-3:]
         if group > 1:

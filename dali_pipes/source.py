@@ -25,11 +25,12 @@ from .sampling import REPLACE, SPATIAL, SamplingOptions, clip_indices, sample_rn
 if TYPE_CHECKING:
     from engine.config import DataConfig, EvalConfig
 
-from .video_io import VideoIndex, VideoReadError, decode_frames, index_video
+from .video_io import VideoIndex, VideoReadError, decode_frames, index_video, rotation_refused
 
 log = logging.getLogger(__name__)
 DALI_CPU_CODECS = ("vp8", "vp9", "libvpx", "libvpx-vp9", "mjpeg")
 PAD = -1  # order entry of a padding slot in evaluation (dropped by the loader)
+LEFT_OUT = -2  # id of a bad val/test sample with skip_bad (dropped and counted by the loader)
 
 
 class ClipLoadError(RuntimeError):
@@ -88,6 +89,29 @@ def epoch_order(
     return np.concatenate([mine, np.full(nb * batch - len(mine), PAD, dtype=mine.dtype)])
 
 
+def check_jpeg_ends(name: str) -> None:
+    """Raise VideoReadError unless `name` starts like a JPEG and ends with its end-of-image marker.
+
+    Reads 2 + 64 bytes, so every frame of a clip can be checked by each of its frame samples (a
+    replacement must cover the whole clip, not one frame). Damage inside the image data is only found
+    by decoding it: prep.validate does that.
+    """
+    try:
+        size = os.path.getsize(name)
+        with open(name, "rb") as f:
+            head = f.read(2)
+            f.seek(max(size - 64, 0))
+            tail = f.read()
+    except OSError:
+        raise VideoReadError(f"frame file {name} missing (folder shorter than listed?)") from None
+    if size == 0:
+        raise VideoReadError(f"frame file {name} is empty (0 bytes)")
+    if head != b"\xff\xd8":
+        raise VideoReadError(f"frame file {name} is not a JPEG (data.source: frames decodes JPEG only)")
+    if not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise VideoReadError(f"frame file {name} is a truncated JPEG (no end-of-image marker)")
+
+
 @dataclass
 class SpatialOptions:
     input_size: int = 224
@@ -141,6 +165,8 @@ class ClipSource:
     base_epoch: int = 0
     start_batch: int = 0
     owner_pid: int = field(default_factory=os.getpid)  # the trainer: workers die with it
+    # list line -> why, for samples only DALI's decoder failed on (the loader fills it with skip_bad)
+    known_bad: dict[int, str] = field(default_factory=dict, repr=False)
     _orders: dict = field(default_factory=dict, repr=False)
     _index: dict = field(default_factory=dict, repr=False)
 
@@ -172,26 +198,41 @@ class ClipSource:
             sid = int(order[0])
         return self.load(sid, epoch, frame_k, out_id)
 
+    def candidates(self, sid: int, epoch: int) -> list[int]:
+        """List lines `load` tries for `sid`, in order: itself, then (skip_bad) 19 replacements."""
+        if not self.skip_bad:
+            return [sid]
+        n = len(self.entries)
+        return [sid] + [int(sample_rng(self.seed, epoch, sid, REPLACE + a).integers(n)) for a in range(19)]
+
+    def readable(self, sid: int, epoch: int) -> bool:
+        """Whether `load` would accept list line `sid` itself (the loader asks after DALI failed)."""
+        try:
+            self._load_one(sid, epoch, 0)
+        except (VideoReadError, OSError):
+            return False
+        return True
+
     def load(self, sid: int, epoch: int, frame_k: int = 0, out_id: int | None = None) -> tuple:
         """The outputs for list line `sid`, or a deterministic replacement when skip_bad."""
         out_id = sid if out_id is None else out_id
-        tried = sid
-        for attempt in range(20 if self.skip_bad else 1):
+        for tried in self.candidates(sid, epoch):
             try:
                 outputs = self._load_one(tried, epoch, frame_k)
             except (VideoReadError, OSError) as e:
                 entry = self.entries[tried]
-                msg = f"{entry.where}: bad sample {entry.path}: {e}"
+                why = str(e).removeprefix(f"{entry.path}: ")  # video_io names the path too: once is enough
+                msg = f"{entry.where}: bad sample {entry.path}: {why}"
                 if not self.skip_bad:
                     raise ClipLoadError(msg) from None
                 if frame_k == 0:
                     log.warning("%s (data.skip_bad: replaced)", msg)
-                tried = int(sample_rng(self.seed, epoch, sid, REPLACE + attempt).integers(len(self.entries)))
                 continue
-            replaced = np.array(int(tried != sid), dtype=np.int32)
-            # train: the replacement's own line; eval: -2, so the loader drops it (each video once)
-            replacement_id = tried if self.split == "train" else -2
-            ident = np.array(out_id if tried == sid else replacement_id, dtype=np.int64)
+            # A padding slot (out_id PAD) is dropped anyway: its replacement is not counted.
+            replaced = np.array(int(tried != sid and out_id != PAD), dtype=np.int32)
+            # train: the replacement's own line; eval: LEFT_OUT, so the loader drops it (each video once)
+            replacement_id = tried if self.split == "train" else LEFT_OUT
+            ident = np.array(out_id if tried == sid or out_id == PAD else replacement_id, dtype=np.int64)
             return (*outputs, ident, replaced)
         raise ClipLoadError(f"{self.entries[sid].where}: 20 replacement samples in a row were bad too")
 
@@ -219,6 +260,8 @@ class ClipSource:
 
     def _load_one(self, sid: int, epoch: int, frame_k: int) -> tuple:
         entry = self.entries[sid]
+        if sid in self.known_bad:
+            raise VideoReadError(self.known_bad[sid])
         indices = clip_indices(entry.num_frames, self.split, self.sampling, self.seed, epoch, sid).ravel()
         if self.kind == "frames":
             if not os.path.isdir(entry.path):
@@ -226,15 +269,10 @@ class ClipSource:
             names = [os.path.join(entry.path, self.frame_template.format(self.frame_start + int(i)))
                      for i in indices]  # fmt: skip
             for name in names:  # the whole clip, so every frame sample of it agrees on replacement
-                if not os.path.isfile(name) or os.path.getsize(name) == 0:
-                    raise VideoReadError(f"frame file {name} missing or empty (folder shorter than listed?)")
+                check_jpeg_ends(name)
             width, height = self._frame_size(entry)
-            name = names[frame_k]
-            with open(name, "rb") as f:
-                data = f.read()
-            if len(data) < 4 or data[:2] != b"\xff\xd8":
-                raise VideoReadError(f"frame file {name} is empty or not a JPEG")
-            payload: tuple = (np.frombuffer(data, dtype=np.uint8),)
+            with open(names[frame_k], "rb") as f:
+                payload: tuple = (np.frombuffer(f.read(), dtype=np.uint8),)
         elif self.kind == "pyav":
             idx = self._video_index(entry)
             frames = decode_frames(entry.path, indices, idx)
@@ -242,6 +280,8 @@ class ClipSource:
             payload = (frames,)
         else:  # bytes for fn.decoders.video; the index check keeps DALI from padding black frames
             idx = self._video_index(entry)
+            if idx.rotation:
+                raise VideoReadError(rotation_refused(idx.rotation))
             if self.device == "cpu" and idx.codec not in DALI_CPU_CODECS:
                 raise VideoReadError(
                     f"codec {idx.codec} is not supported by DALI's CPU video decoder (VP8/VP9/MJPEG); "

@@ -30,10 +30,22 @@ class VideoIndex:
     width: int
     height: int
     codec: str = ""
+    rotation: int = 0  # display rotation (degrees) of the first frame; the loader refuses rotated files
 
     @property
     def num_frames(self) -> int:
         return len(self.pts)
+
+
+def rotation_refused(degrees: int) -> str:
+    """Why a rotated file is a bad sample: decoders return the stored (unrotated) picture, so a portrait
+    phone video would silently train as landscape. prep.resize applies the rotation."""
+    return (f"display rotation {degrees} degrees: the loader does not rotate frames; "
+            "re-encode with prep.resize, which applies it")  # fmt: skip
+
+
+def _rotation(frame) -> int:
+    return round(getattr(frame, "rotation", 0) or 0) % 360
 
 
 def _open(path: str) -> av.container.InputContainer:
@@ -65,11 +77,18 @@ def index_video(path: str) -> VideoIndex:
             raise VideoReadError(f"{path}: cannot read packets ({e})") from None
         width, height = stream.codec_context.width, stream.codec_context.height
         codec = stream.codec_context.name
+        rotation = 0
+        if packets:  # the display matrix reaches PyAV only on decoded frames: decode the first one
+            try:
+                container.seek(0, stream=stream)
+                rotation = _rotation(next(container.decode(stream)))
+            except Exception:
+                pass  # decode errors are reported by decode_frames, which names the frame
     packets.sort()
     if not packets:
         raise VideoReadError(f"{path}: no decodable video frames")
     keyframes = [i for i, (_, key) in enumerate(packets) if key] or [0]
-    return VideoIndex([p for p, _ in packets], keyframes, width, height, codec)
+    return VideoIndex([p for p, _ in packets], keyframes, width, height, codec, rotation)
 
 
 class _RGBWriter:
@@ -157,6 +176,8 @@ def decode_frames(
                         decoded += 1
                         current = pos_of_pts.get(frame.pts, current)
                         if frame.pts in wanted_pts and current not in got.done:
+                            if _rotation(frame):
+                                raise VideoReadError(f"{path}: {rotation_refused(_rotation(frame))}")
                             got.put(current, frame)
                     if target in got.done or current > target:
                         break

@@ -332,11 +332,17 @@ def write_lists(samples: list[Sample], classes: list[str], out: Path, problems: 
         counted[path] = result
     problems = list(problems)
     lines: dict[str, list[str]] = {}
+    first: dict[tuple[str, str], str] = {}  # (split, path) -> where it was annotated first
     for s in samples:
         n, problem = counted[str(s.path)]
         if problem:
             problems.append(f"{s.where}\t{s.path}: {problem}")
             continue
+        key = (s.split, str(s.path))
+        if key in first:  # lists hold each file once (the loader and prep.validate refuse duplicates)
+            problems.append(f"{s.where}\t{s.path}: annotated again in {s.split} (kept: {first[key]})")
+            continue
+        first[key] = s.where
         rel = Path(os.path.relpath(s.path, out)).as_posix()
         lines.setdefault(s.split, []).append(f"{rel} {n} {s.label}\n")
     for split, split_lines in lines.items():

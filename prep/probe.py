@@ -49,6 +49,8 @@ class VideoInfo:
     decode_error: str  # "" or the error that stopped decoding after num_frames frames
     count_mode: str  # decode | packets | header
     sample_aspect: Fraction | None = None  # pixel aspect ratio if not square
+    pix_fmt: str = ""  # decoder pixel format, e.g. yuv420p, yuv420p10le, yuv444p
+    rotation: int = 0  # display rotation in degrees (0, 90, 180, 270) from the first decoded frame
 
     @property
     def fps(self) -> float:
@@ -113,9 +115,9 @@ def probe_video(path: str | Path, count: str = "decode") -> VideoInfo:
         declared = stream.frames or (round(duration * float(rate)) if rate and duration > 0 else 0)
         sar = stream.sample_aspect_ratio
         sar = Fraction(sar) if sar and sar != 1 else None
-        num_frames, variable, error = declared, False, ""
+        num_frames, variable, error, rotation = declared, False, "", 0
         if count != "header":
-            num_frames, pts, error = _count(container, stream, count)
+            num_frames, pts, error, rotation = _count(container, stream, count)
             variable = _is_variable(pts)
         return VideoInfo(
             codec=ctx.name,
@@ -129,15 +131,20 @@ def probe_video(path: str | Path, count: str = "decode") -> VideoInfo:
             decode_error=error,
             count_mode=count,
             sample_aspect=sar,
+            pix_fmt=ctx.format.name if ctx.format else "",
+            rotation=rotation,
         )
 
 
-def _count(container: av.container.InputContainer, stream, count: str) -> tuple[int, list[int], str]:
-    """Count decoded frames (or non-empty packets); also collect timestamps for the VFR check."""
-    n, pts, error = 0, [], ""
+def _count(container: av.container.InputContainer, stream, count: str) -> tuple[int, list[int], str, int]:
+    """Count decoded frames (or non-empty packets); also collect timestamps for the VFR check and
+    (decode only) the first frame's display rotation."""
+    n, pts, error, rotation = 0, [], "", 0
     try:
         if count == "decode":
             for frame in container.decode(stream):
+                if n == 0:
+                    rotation = round(getattr(frame, "rotation", 0) or 0) % 360
                 n += 1
                 if frame.pts is not None:
                     pts.append(frame.pts)
@@ -149,7 +156,7 @@ def _count(container: av.container.InputContainer, stream, count: str) -> tuple[
                         pts.append(packet.pts)
     except (av.FFmpegError, OSError) as e:
         error = f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
-    return n, pts, error
+    return n, pts, error, rotation
 
 
 def count_images(folder: str | Path) -> int:

@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import ffmpeg
@@ -128,7 +129,8 @@ def ffmpeg_command(src: Path, tmp: Path, rate: str, opts: Options) -> list[str]:
         map_metadata=-1, map_chapters=-1, threads=opts.threads, **codec_args,
     )  # fmt: skip
     cmd = out.compile()
-    return ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-y", *cmd[1:]]
+    # -xerror: stop at the first decode error instead of encoding around damaged or missing data
+    return ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-xerror", "-y", *cmd[1:]]
 
 
 def _last_lines(text: str, limit: int = 300) -> str:
@@ -136,17 +138,42 @@ def _last_lines(text: str, limit: int = 300) -> str:
     return " | ".join(lines[-3:])[-limit:] or "no message"
 
 
-def convert(job: Job, opts: Options) -> tuple[str, str]:
-    """Encode one file; returns ("done", "") or ("failed", reason). Never raises for a bad file."""
+def shorter_than_source(source_seconds: float, frames: int, rate: str) -> str:
+    """'' or why an output of `frames` frames at `rate` fps is cut short against the source's duration.
+
+    A source cut short (an interrupted download) often decodes without an error: the demuxer just
+    ends early. Its header still states the whole duration, which the output must cover
+    (5 % or 0.1 s of slack for rounding).
+    """
+    fps = float(Fraction(rate))
+    if source_seconds <= 0 or fps <= 0:
+        return ""
+    got = frames / fps
+    if got < 0.95 * source_seconds - 0.1:
+        return f"truncated source: its header states {source_seconds:.2f} s, only {got:.2f} s decode"
+    return ""
+
+
+def _packet_count(path: Path) -> int | None:
     try:
+        return probe_video(path, count="packets").num_frames
+    except ProbeError:
+        return None
+
+
+def convert(job: Job, opts: Options) -> tuple[str, str]:
+    """Encode one file; returns ("done", "") or ("failed", reason). Never raises for a bad file.
+
+    Decode errors are failures: ffmpeg runs with -xerror and any message it prints at level
+    `error` fails the file (ffmpeg exits 0 after encoding around damaged data otherwise).
+    """
+    try:
+        source = probe_video(job.src, count="header")  # a clear reason for unreadable files
         rate = opts.fps
         if rate == "keep":
-            info = probe_video(job.src, count="header")
-            if info.rate is None:
+            if source.rate is None:
                 return "failed", "the source does not state its frame rate; pass --fps N"
-            rate = f"{info.rate.numerator}/{info.rate.denominator}"
-        else:
-            probe_video(job.src, count="header")  # a clear reason for unreadable files
+            rate = f"{source.rate.numerator}/{source.rate.denominator}"
     except ProbeError as e:
         return "failed", str(e)
     tmp = temp_path(job.out)
@@ -154,13 +181,21 @@ def convert(job: Job, opts: Options) -> tuple[str, str]:
     try:
         proc = subprocess.run(ffmpeg_command(job.src, tmp, rate, opts), capture_output=True, text=True)
         if proc.returncode != 0:
-            return "failed", f"ffmpeg exit status {proc.returncode}: {_last_lines(proc.stderr)}"
+            if _packet_count(job.src) == 0:  # ffmpeg's own words are cryptic here
+                return "failed", "zero frames: the source's video stream has no frames"
+            why = "it stops at the first decode error: a damaged or cut source?"
+            return "failed", f"ffmpeg exit status {proc.returncode} ({why}): {_last_lines(proc.stderr)}"
+        if proc.stderr.strip():
+            return "failed", f"decode errors (damaged or cut source): {_last_lines(proc.stderr)}"
         try:
             info = probe_video(tmp, count="packets")
         except ProbeError as e:
             return "failed", f"ffmpeg wrote an unusable file: {e}"
         if info.num_frames == 0:
             return "failed", "ffmpeg wrote no frames (is the source video stream empty?)"
+        short = shorter_than_source(source.duration, info.num_frames, rate)
+        if short:
+            return "failed", short
         os.replace(tmp, job.out)
         return "done", ""
     finally:

@@ -9,11 +9,13 @@ Exit status: 0 when every entry is good, 1 when bad entries were found (both fil
 way), 2 for a usage error.
 
 Kinds: missing, empty, truncated, undecodable, no video stream, zero frames, frame count differs,
-unsupported codec, variable frame rate, malformed line.
+unsupported codec, rotated, variable frame rate, malformed line, duplicate line. List lines are parsed by
+dali_pipes.listfile, the loader's parser (one rule for comments, BOM, CRLF, fields and duplicates).
+Every image of a frame folder is test-decoded. An empty list is a usage error (exit status 2).
 
 Decoding is always a real full decode with FFmpeg's software decoders (PyAV). --device and
 --cpu-decoder mirror data.device / data.cpu_decoder in the config and only decide which codecs the
-loader's decoder can take: gpu = NVDEC through DALI, cpu + pyav = anything FFmpeg decodes,
+loader's decoder can take: gpu = NVDEC through DALI (8-bit 4:2:0 only), cpu + pyav = anything FFmpeg decodes,
 cpu + dali = DALI's CPU video decoder (VP8, VP9, MJPEG only).
 """
 
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import av
+from PIL import Image
 
+from dali_pipes.listfile import DUPLICATE, MALFORMED, Entry, ListFileError, parse_list
 from engine.config import DefaultsHelpFormatter
 from prep.common import (
     IMAGE_EXTENSIONS,
@@ -36,50 +39,21 @@ from prep.common import (
     positive_int,
     run_cli,
 )
-from prep.probe import TRUNCATED, UNDECODABLE, ProbeError, probe_video
+from prep.probe import EMPTY, TRUNCATED, UNDECODABLE, ProbeError, probe_video
 
 ZERO_FRAMES = "zero frames"
 COUNT_DIFFERS = "frame count differs"
 UNSUPPORTED = "unsupported codec"
 VARIABLE_FPS = "variable frame rate"
-MALFORMED = "malformed line"
+ROTATED = "rotated"
+JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
 
 # Codecs each loader route can decode (FFmpeg decoder names, as PyAV reports them).
 GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mjpeg"})  # NVDEC via DALI
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})  # DALI's CPU video decoder
-
-
-@dataclass(frozen=True)
-class Entry:
-    line_no: int
-    text: str  # the list line, without the newline
-    path: str  # as written in the list
-    num_frames: int
-
-
-def parse_list(list_path: Path, num_classes: int | None) -> tuple[list[Entry], list[tuple[str, str, str]]]:
-    """Good-looking entries and `malformed line` problems (named LIST:LINE)."""
-    entries, problems = [], []
-    text = list_path.read_text(encoding="utf-8", errors="replace")
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{list_path}:{line_no}"
-        parts = line.rsplit(maxsplit=2)
-        if len(parts) != 3:
-            problems.append((where, MALFORMED, f"expected 'path num_frames label', got {line[:80]!r}"))
-            continue
-        path, frames, label = parts
-        if not (frames.isdigit() and label.isdigit()):
-            problems.append(
-                (where, MALFORMED, f"num_frames and label must be integers >= 0, got {line[:80]!r}")
-            )
-            continue
-        if num_classes is not None and int(label) >= num_classes:
-            problems.append((where, MALFORMED, f"label {label} but classes.txt has {num_classes} classes"))
-            continue
-        entries.append(Entry(line_no, line, path, int(frames)))
-    return entries, problems
+# NVDEC through DALI decodes 8-bit 4:2:0 only: 10-bit, 4:2:2 and 4:4:4 H.264 have no NVDEC profile at all,
+# and DALI's GPU video decoder converts 8-bit NV12 surfaces. Refused on --device gpu for every codec.
+NVDEC_PIX_FMTS = frozenset({"yuv420p", "yuvj420p", "nv12"})
 
 
 def allowed_codecs(device: str, cpu_decoder: str) -> frozenset[str] | None:
@@ -89,7 +63,14 @@ def allowed_codecs(device: str, cpu_decoder: str) -> frozenset[str] | None:
     return DALI_CPU_CODECS if cpu_decoder == "dali" else None
 
 
-def check_video(path: Path, listed: int, codecs: frozenset[str] | None, route: str) -> list[tuple[str, str]]:
+def allowed_pixel_formats(device: str) -> frozenset[str] | None:
+    """Pixel formats the chosen loader route decodes; None = any (the CPU routes convert everything)."""
+    return NVDEC_PIX_FMTS if device == "gpu" else None
+
+
+def check_video(
+    path: Path, listed: int, codecs: frozenset[str] | None, route: str, pix_fmts: frozenset[str] | None = None
+) -> list[tuple[str, str]]:
     """All (kind, detail) problems of one video file; [] when it is good."""
     try:
         info = probe_video(path, count="header")
@@ -99,6 +80,10 @@ def check_video(path: Path, listed: int, codecs: frozenset[str] | None, route: s
         return [
             (UNSUPPORTED, f"{info.codec} cannot be decoded by {route} (it takes {', '.join(sorted(codecs))})")
         ]
+    if pix_fmts is not None and info.pix_fmt not in pix_fmts:
+        fmt = info.pix_fmt or "unknown pixel format"
+        why = "takes 8-bit 4:2:0 only (no 10-bit, 4:2:2 or 4:4:4); re-encode with prep.resize (yuv420p)"
+        return [(UNSUPPORTED, f"{info.codec} {fmt}: {route} {why}")]
     try:
         info = probe_video(path, count="decode")
     except ProbeError as e:
@@ -117,14 +102,55 @@ def check_video(path: Path, listed: int, codecs: frozenset[str] | None, route: s
         problems.append((TRUNCATED, f"{n} frames decode but the container declares {declared}"))
     if n != listed:
         problems.append((COUNT_DIFFERS, f"list says {listed}, decoder delivers {n}"))
+    if info.rotation:
+        why = "the loader refuses rotated files (it does not rotate); re-encode with prep.resize, which does"
+        problems.append((ROTATED, f"display rotation {info.rotation} degrees: {why}"))
     if info.variable_fps:
         problems.append((VARIABLE_FPS, f"frame timestamps are unevenly spaced (average {info.fps:.3f} fps); "
                                        "re-encode with prep.resize"))  # fmt: skip
     return problems
 
 
+def check_image(image: Path) -> tuple[str, str] | None:
+    """(kind, why) when one frame image is unusable, else None.
+
+    The content must match the extension (the loader hands .jpg files to a JPEG decoder), PIL must
+    load the whole image (catches truncated files and headers without image data) and FFmpeg's
+    decoder with error detection on ("explode") must accept it (catches damaged entropy-coded data,
+    which PIL / libjpeg decode into garbage with only a warning).
+    """
+    with open(image, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return EMPTY, f"{image.name} has 0 bytes"
+    suffix = image.suffix.lower()
+    if suffix in (".jpg", ".jpeg") and not head.startswith(JPEG_MAGIC):
+        found = "a PNG" if head.startswith(PNG_MAGIC) else "not a JPEG"
+        return UNDECODABLE, f"{image.name} is {found} (the loader decodes {suffix} frames as JPEG)"
+    if suffix == ".png" and not head.startswith(PNG_MAGIC):
+        return UNDECODABLE, f"{image.name} is not a PNG"
+    try:
+        with Image.open(image) as im:
+            im.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        kind = TRUNCATED if "truncated" in str(e) else UNDECODABLE
+        return kind, f"{image.name}: {e}"
+    try:
+        with av.open(str(image)) as c:
+            stream = c.streams.video[0]
+            stream.codec_context.options = {"err_detect": "explode"}
+            if not list(c.decode(stream)):
+                return UNDECODABLE, f"{image.name}: the decoder returns no image"
+    except (av.FFmpegError, OSError, IndexError) as e:
+        return UNDECODABLE, f"{image.name}: damaged image data ({getattr(e, 'strerror', None) or e})"
+    return None
+
+
 def check_frame_folder(folder: Path, listed: int, template: str, start: int) -> list[tuple[str, str]]:
-    """A frame folder is good when frames start..start+n-1 exist by the template and each decodes."""
+    """A frame folder is good when frames start..start+n-1 exist by the template and each decodes.
+
+    Every image is test-decoded (check_image); one problem line per kind names the count and the first.
+    """
     images = [
         p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
     ]
@@ -138,26 +164,24 @@ def check_frame_folder(folder: Path, listed: int, template: str, start: int) -> 
                                     f"(template {template} from {start})"))  # fmt: skip
     if len(images) != listed:
         problems.append((COUNT_DIFFERS, f"list says {listed}, the folder holds {len(images)} images"))
+    bad: dict[str, list[str]] = {}
     for image in sorted(images):
-        if image.stat().st_size == 0:
-            problems.append(("empty", f"{image.name} has 0 bytes"))
-            break
-        try:
-            with av.open(str(image)) as c:
-                next(c.decode(video=0))
-        except (av.FFmpegError, OSError, StopIteration) as e:
-            problems.append((UNDECODABLE, f"{image.name}: {getattr(e, 'strerror', None) or e or 'no image'}"))
-            break
+        found = check_image(image)
+        if found:
+            bad.setdefault(found[0], []).append(found[1])
+    for kind, details in bad.items():
+        problems.append((kind, f"{len(details)} of {len(images)} images unusable, first {details[0]}"))
     return problems
 
 
-def check_entry(job: tuple[str, int, frozenset[str] | None, str, str, int]) -> list[tuple[str, str]]:
-    path_text, listed, codecs, route, template, start = job
+def check_entry(job: tuple) -> list[tuple[str, str]]:
+    """(path, listed frames, codecs, route, frame template, frame start, pixel formats) -> problems."""
+    path_text, listed, codecs, route, template, start, pix_fmts = job
     path = Path(path_text)
     try:
         if path.is_dir():
             return check_frame_folder(path, listed, template, start)
-        return check_video(path, listed, codecs, route)
+        return check_video(path, listed, codecs, route, pix_fmts)
     except Exception as e:  # one odd file must not end a run over a whole dataset: report it
         return [(UNDECODABLE, f"unexpected {type(e).__name__} while reading: {e}")]
 
@@ -208,22 +232,29 @@ def main(argv: list[str] | None = None) -> int:
     if classes_file.is_file():
         num_classes = sum(1 for line in classes_file.read_text(encoding="utf-8").splitlines() if line.strip())
 
-    entries, problems = parse_list(list_path, num_classes)
+    try:
+        entries, line_problems = parse_list(list_path, root, num_classes)
+    except ListFileError as e:
+        raise UserError(str(e)) from None
+    if not entries and not line_problems:
+        raise UserError(f"{list_path}: the list has no samples (empty, or only blank and comment lines)")
+    problems = [(p.where, p.kind, p.reason) for p in line_problems]
     codecs = allowed_codecs(args.device, args.cpu_decoder)
+    pix_fmts = allowed_pixel_formats(args.device)
     route = "the GPU decoder (NVDEC)" if args.device == "gpu" else f"the CPU {args.cpu_decoder} decoder"
     jobs: dict[tuple, list[Entry]] = {}
-    for e in entries:  # several lines may name the same file: decode it once, judge every line
-        key = (str(root / e.path), e.num_frames, codecs, route, args.frame_template, args.frame_start)
+    for e in entries:
+        key = (e.path, e.num_frames, codecs, route, args.frame_template, args.frame_start, pix_fmts)
         jobs.setdefault(key, []).append(e)
     found: dict[int, list[tuple[str, str]]] = {}
     for job, result in parallel_map(check_entry, list(jobs), args.jobs, "validate", quiet=args.quiet):
         for e in jobs[job]:
             if result:
-                found[e.line_no] = result
-    by_line = {e.line_no: e for e in entries}
+                found[e.line] = result
+    by_line = {e.line: e for e in entries}
     for line_no in sorted(found):
         problems += [
-            (by_line[line_no].path, kind, f"line {line_no}: {detail}") for kind, detail in found[line_no]
+            (by_line[line_no].rel, kind, f"line {line_no}: {detail}") for kind, detail in found[line_no]
         ]
     bad_lines = set(found)
 
@@ -231,14 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     clean_path = clean_list_path(list_path)
     atomic_write_text(bad_path, "".join(f"{where}\t{kind}\t{' '.join(detail.split())}\n"
                                         for where, kind, detail in problems))  # fmt: skip
-    atomic_write_text(clean_path, "".join(f"{e.text}\n" for e in entries if e.line_no not in bad_lines))
+    atomic_write_text(clean_path, "".join(f"{e.text}\n" for e in entries if e.line not in bad_lines))
     kinds = Counter(kind for _, kind, _ in problems)
     good = len(entries) - len(bad_lines)
     if not problems:
         print(f"{list_path}: all {good} entries good")
         return 0
     summary = ", ".join(f"{kind}: {n}" for kind, n in kinds.most_common())
-    print(f"{list_path}: {good} good, {len(bad_lines)} bad entries, {kinds[MALFORMED]} malformed lines "
+    lines = kinds[MALFORMED] + kinds[DUPLICATE]
+    print(f"{list_path}: {good} good, {len(bad_lines)} bad entries, {lines} malformed or duplicate lines "
           f"({summary}); see {bad_path}; clean list: {clean_path}")  # fmt: skip
     return 1
 

@@ -399,10 +399,10 @@ def test_profiler_table(dataset, tmp_path, capsys):
 
 def test_dali_cpu_decoder_rejects_h264_by_name(tmp_path, ffmpeg_available):
     write_clip(tmp_path / "a.mp4", 32, W, H, codec="h264")
-    (tmp_path / "list.txt").write_text("a.mp4 32 0\na.mp4 32 0\n")
+    (tmp_path / "list.txt").write_text("a.mp4 32 0\n")
     with pytest.raises(ClipLoadError, match=r"list.txt:1: .*a.mp4: codec h264 .*cpu_decoder: pyav"):
-        collect(build_loader(cfg(tmp_path, cpu_decoder="dali"), "val"))
-    loader = build_loader(cfg(tmp_path), "val")  # the PyAV route decodes H.264
+        collect(build_loader(cfg(tmp_path, cpu_decoder="dali", batch_size=1), "val"))
+    loader = build_loader(cfg(tmp_path, batch_size=1), "val")  # the PyAV route decodes H.264
     assert len(collect(loader)) == 1
     loader.close()
 
