@@ -269,9 +269,11 @@ def report_checkpoint_result(
 ) -> None:  # fmt: skip
     """Rank 0: score dump, reports next to it, and the table."""
     if result.metrics["videos"] != loader.num_videos:
+        left_out = loader.num_videos - result.metrics["videos"]  # over all ranks (the scores are gathered)
         log.warning(
-            "scored %d videos, %s lists %d (%d unreadable samples replaced under data.skip_bad)",
-            result.metrics["videos"], cfg.data.val_list, loader.num_videos, loader.skipped,
+            "scored %d videos, %s lists %d: %d unreadable samples left out under data.skip_bad (the metrics "
+            "are over the scored videos; prep.validate lists them)",
+            result.metrics["videos"], cfg.data.val_list, loader.num_videos, left_out,
         )  # fmt: skip
     view_name = f"{views.spatial_crops}x{views.temporal_clips}"
     class_names = read_class_names(cfg.model.num_classes, cfg=cfg)
