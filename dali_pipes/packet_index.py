@@ -259,49 +259,65 @@ class PacketIndex:
         self._built[self.key(path)] = (stamp, idx)
         return idx
 
-    def update(self, paths: list[str], save: bool = True) -> int:
-        """Build the missing or stale entries of `paths`; write the file when any changed.
-
-        Returns the number of entries built. Files that cannot be indexed are skipped here (the
-        per-sample load reports them with their list line). A read-only folder keeps the new entries
-        in memory (workers then inherit or rebuild them) and says so once.
-        """
-        stale = []
+    def missing(self, paths: list[str]) -> list[tuple[str, tuple[int, int]]]:
+        """(path, stamp) of the files in `paths` without a current entry (missing files are skipped)."""
+        out = []
         for p in dict.fromkeys(paths):
             try:
                 stamp = file_stamp(p)
             except OSError:
                 continue
             if self.stored(p, stamp) is None:
-                stale.append((p, stamp))
+                out.append((p, stamp))
+        return out
+
+    def add(self, path: str, stamp: tuple[int, int], idx: VideoIndex) -> None:
+        self._built[self.key(path)] = (stamp, idx)
+
+    def update(self, paths: list[str]) -> int:
+        """Build the missing or stale entries of `paths` here, then save; returns how many were built.
+
+        Files that cannot be indexed are skipped (the per-sample load reports them with their list
+        line, and tries again).
+        """
+        stale = self.missing(paths)
         for p, stamp in stale:
             try:
                 self.get(p, stamp)
             except VideoReadError:
                 continue
-        if not self._built or not save:
-            return len(stale)
+        self.save()
+        return len(stale)
+
+    def save(self) -> None:
+        """Merge the entries built in this process into the file (atomically), when there are any.
+
+        A folder that cannot be written keeps them in memory (forked workers inherit them, spawned
+        ones receive them pickled) and says so once.
+        """
+        if not self._built:
+            return
         items: dict[str, tuple[tuple[int, int], VideoIndex]] = {}
         store = self._store()
         if store is not None:
             for name, i in store.names.items():
-                m = store.meta[i]
-                path = str(self.base / name)
-                idx = self.stored(path, (int(m["file_size"]), int(m["mtime_ns"])))
-                if idx is not None:
-                    items[name] = ((int(m["file_size"]), int(m["mtime_ns"])), idx)
+                stamp = (int(store.meta[i]["file_size"]), int(store.meta[i]["mtime_ns"]))
+                if name not in self._built:
+                    idx = self.stored(str(self.base / name), stamp)
+                    if idx is not None:
+                        items[name] = (stamp, idx)
         items.update(self._built)
         try:
             _save(self.path, items)
         except OSError as e:
             log.warning("%s: cannot write the packet index (%s); kept in memory for this run", self.path, e)
-            return len(stale)
+            return
         self._stored, self._loaded, self._built = None, False, {}
-        return len(stale)
 
 
-def write_list_index(list_path: str | Path, video_paths: list[str]) -> Path:
-    """prep.lists / prep.validate: (re)write LIST.index for the videos of a list (folders are skipped)."""
-    index = PacketIndex(index_path_for(list_path))
-    index.update([p for p in video_paths if os.path.isfile(p)])
-    return index.path
+def index_job(path: str) -> VideoIndex | str:
+    """For a process pool: the index of `path`, or why it cannot be built."""
+    try:
+        return build_video_index(path)
+    except VideoReadError as e:
+        return str(e)
