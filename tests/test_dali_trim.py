@@ -1,0 +1,205 @@
+"""GOP trimming and the persistent packet index.
+
+Trimmed bitstreams must decode, through DALI's CPU decoder, to exactly the frames the whole file
+gives (VP9, MJPEG; every sampling mode and test views); H.264 with B-frames is checked with PyAV
+(DALI's CPU decoder has no H.264); bad indexes name the file (and the list line in the loader); the
+list's index file is reused while current and rebuilt when a video changes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from conftest import write_clip
+from nvidia.dali import fn, pipeline_def
+
+from config import DataConfig, EvalConfig
+from dali_pipes.loader import build_loader, sampling_options
+from dali_pipes.packet_index import PacketIndex, build_video_index, index_path_for
+from dali_pipes.sampling import clip_indices
+from dali_pipes.source import ClipLoadError
+from dali_pipes.trim import TrimError, trim
+from dali_pipes.video_io import VideoReadError, decode_all
+from prep.common import write_packet_index
+
+W, H = 64, 48
+
+# (data fields, eval fields): every sampling mode, snippets, several clips and crops in test
+MODES = {
+    "uniform": ({}, {"temporal_clips": 2}),
+    "uniform_snippets": ({"num_segments": 4, "snippet_len": 5}, {"temporal_clips": 3}),
+    "dense": ({"sampling": "dense", "dense_window": 32}, {"temporal_clips": 2}),
+    "clip3d": ({"sampling": "clip3d", "clip_len": 8, "frame_interval": 3}, {"temporal_clips": 2}),
+}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory, ffmpeg_available) -> dict[str, list[str]]:
+    """Per codec: a 70-frame GOP 8 clip, a 5-frame clip (F < T) and a 33-frame GOP 16 clip."""
+    root = tmp_path_factory.mktemp("trim")
+    out = {}
+    for codec, ext in (("vp9", "webm"), ("mjpeg", "avi")):
+        out[codec] = [
+            str(write_clip(root / f"{codec}_long.{ext}", 70, W, H, codec=codec, gop=8, seed=1)),
+            str(write_clip(root / f"{codec}_short.{ext}", 5, W, H, codec=codec, gop=8, seed=2)),
+            str(write_clip(root / f"{codec}_mid.{ext}", 33, W, H, codec=codec, gop=16, seed=3)),
+        ]
+    return out
+
+
+def dali_decode(samples: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """DALI's CPU video decoder on (encoded bytes, frame indices) samples, one batch."""
+
+    @pipeline_def(batch_size=len(samples), num_threads=1, device_id=None, exec_dynamic=True)
+    def pipe():
+        encoded = fn.external_source(name="encoded", batch=False, layout="")
+        frames = fn.external_source(name="frames", batch=False, layout="")
+        return fn.decoders.video(encoded, frames=frames, device="cpu")
+
+    p = pipe()
+    p.build()
+    p.feed_input("encoded", [s[0] for s in samples])
+    p.feed_input("frames", [s[1].astype(np.int32) for s in samples])
+    (out,) = p.run()
+    return [np.array(out[i]) for i in range(len(samples))]
+
+
+@pytest.mark.parametrize("codec", ["vp9", "mjpeg"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_trimmed_equals_untrimmed_through_dali(clips, codec, mode):
+    data_kw, eval_kw = MODES[mode]
+    opts = sampling_options(DataConfig(**data_kw), EvalConfig(**eval_kw))
+    whole, trimmed = [], []
+    for path in clips[codec]:
+        index = build_video_index(path)
+        raw = np.fromfile(path, np.uint8)
+        for split in ("train", "val", "test"):
+            for sid in range(2):
+                indices = clip_indices(index.num_frames, split, opts, 0, 0, sid).ravel()
+                whole.append((raw, indices))
+                trimmed.append(trim(path, index, indices))
+    # hand-picked: repeats, unsorted, the first and last frame, one frame per GOP
+    path = clips[codec][0]
+    index = build_video_index(path)
+    raw = np.fromfile(path, np.uint8)
+    for indices in ([69, 0, 69, 3, 3, 40], [7, 8, 15, 16, 17], list(range(0, 70, 8))):
+        whole.append((raw, np.array(indices)))
+        trimmed.append(trim(path, index, np.array(indices)))
+    for a, b in zip(dali_decode(whole), dali_decode(trimmed), strict=True):
+        assert a.shape == b.shape and np.array_equal(a, b)
+    # trimming really drops data on the long clip: the first frame of every GOP needs only its keyframe
+    data, remapped = trim(path, index, np.arange(0, 70, 8))
+    assert len(data) < 0.5 * len(raw) and remapped.tolist() == list(range(9))
+
+
+def _h264(path: Path, extra: list[str]) -> str:
+    cmd = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc=size={W}x{H}:rate=25",
+           "-frames:v", "60", "-c:v", "libx264", "-bf", "3", "-g", "12", "-keyint_min", "12",
+           "-sc_threshold", "0", *extra, str(path)]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    return str(path)
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+def test_h264_bframes_trimmed_decodes_to_the_wanted_frames(tmp_path, ffmpeg_available, container):
+    path = _h264(tmp_path / f"b.{container}", [])
+    index = build_video_index(path)
+    packets = index.packets
+    assert (packets["pts"] != packets["dts"]).any(), "the clip should have reordered (B) frames"
+    ref = decode_all(path)
+    assert len(ref) == index.num_frames == 60
+    rng = np.random.default_rng(0)
+    picks = [rng.integers(0, 60, size=8) for _ in range(6)] + [np.array([59, 1, 1, 13, 12, 11, 0])]
+    for indices in picks:
+        data, remapped = trim(path, index, indices)
+        with av.open(io.BytesIO(data.tobytes())) as c:
+            got = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+        assert np.array_equal(got[remapped], ref[indices])
+        assert len(got) < len(ref) or indices.max() >= 48  # only the needed GOPs were kept
+
+
+def test_open_gop_is_refused_naming_prep_resize(tmp_path, ffmpeg_available):
+    path = _h264(tmp_path / "open.mkv", ["-x264-params", "open-gop=1"])
+    index = build_video_index(path)
+    with pytest.raises(TrimError, match=r"open GOP.*python -m prep.resize"):
+        trim(path, index, np.arange(20, 28))
+
+
+def test_no_timestamps_and_empty_index_are_named(tmp_path, ffmpeg_available):
+    raw = tmp_path / "raw.h264"  # an Annex B elementary stream: packets carry no timestamps
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"testsrc=size={W}x{H}:rate=25",
+                    "-frames:v", "10", "-c:v", "libx264", "-bf", "2", "-f", "h264", str(raw)],
+                   check=True)  # fmt: skip
+    with pytest.raises(VideoReadError, match=r"raw.h264: packet 0 has no timestamp"):
+        build_video_index(str(raw))
+    empty = tmp_path / "empty.avi"  # a valid container whose video stream has no packets
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"testsrc=size={W}x{H}:rate=25",
+                    "-frames:v", "0", "-c:v", "mjpeg", str(empty)], check=True)  # fmt: skip
+    with pytest.raises(VideoReadError, match=r"empty.avi: empty packet index"):
+        build_video_index(str(empty))
+    ok = write_clip(tmp_path / "ok.webm", 20, W, H)
+    (tmp_path / "list.txt").write_text("ok.webm 20 0\nempty.avi 10 1\n")
+    data = DataConfig(val_list=str(tmp_path / "list.txt"), device="cpu", cpu_decoder="dali", batch_size=2,
+                      num_threads=1, num_workers=1, prefetch=1, input_size=32, scale_size=32)  # fmt: skip
+    with pytest.raises(ClipLoadError, match=r"list.txt:2: bad sample .*empty.avi: empty packet index"):
+        list(build_loader(data, "val"))
+    assert ok.exists()
+
+
+def test_index_file_is_reused_and_rebuilt_when_a_video_changes(tmp_path, ffmpeg_available):
+    paths = [str(write_clip(tmp_path / f"v{i}.webm", 20 + i, W, H, seed=i)) for i in range(3)]
+    (tmp_path / "list.txt").write_text("".join(f"v{i}.webm {20 + i} 0\n" for i in range(3)))
+    list_path = tmp_path / "list.txt"
+    write_packet_index(list_path, paths, jobs=1, quiet=True)
+    stored = index_path_for(list_path)
+    assert stored.is_file()
+    first = stored.stat().st_mtime_ns
+    fresh = PacketIndex(stored)
+    for p in paths:
+        idx = fresh.get(p)
+        assert idx.pts == build_video_index(p).pts and idx.num_frames == 20 + paths.index(p)
+    assert fresh.builds == 0  # everything came from the file
+    assert fresh.update(paths) == 0 and stored.stat().st_mtime_ns == first  # nothing to rewrite
+
+    write_clip(Path(paths[1]), 30, W, H, seed=9)  # the video changes: size and mtime differ
+    os.utime(paths[1], ns=(first + 10**9, first + 10**9))
+    again = PacketIndex(stored)
+    assert again.update(paths) == 1 and again.builds == 1
+    reread = PacketIndex(stored)
+    assert reread.get(paths[1]).num_frames == 30 and reread.get(paths[0]).num_frames == 20
+    assert reread.builds == 0
+
+
+def loader_cfg(list_path: Path, **kw) -> DataConfig:
+    base = dict(train_list=str(list_path), val_list=str(list_path), device="cpu", cpu_decoder="dali",
+                input_size=32, scale_size=40, batch_size=2, num_threads=1, num_workers=1, prefetch=1,
+                mean=[0.0, 0.0, 0.0], std=[1 / 255] * 3)  # fmt: skip
+    base.update(kw)
+    return DataConfig(**base)
+
+
+@pytest.mark.parametrize("mode", ["train", "test"])
+def test_loader_batches_identical_with_trim_on_and_off(tmp_path, ffmpeg_available, mode):
+    lines = []
+    for i in range(4):
+        n = (5, 40, 57, 33)[i]  # one shorter than T (F < T)
+        write_clip(tmp_path / f"v{i}.webm", n, W, H, gop=8, seed=i)
+        lines.append(f"v{i}.webm {n} {i % 2}")
+    list_path = tmp_path / "list.txt"
+    list_path.write_text("\n".join(lines) + "\n")
+    views = EvalConfig(temporal_clips=2, spatial_crops=3, batch_size=2)
+    batches = {}
+    for trim_on in ("on", "off"):
+        loader = build_loader(loader_cfg(list_path, trim=trim_on), mode, views=views)
+        batches[trim_on] = [b["clips"].clone() for b in loader]
+        loader.close()
+    assert index_path_for(list_path).is_file()  # the loader's main process wrote the index
+    assert len(batches["on"]) == len(batches["off"]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(batches["on"], batches["off"], strict=True))
