@@ -21,6 +21,7 @@ what keeps the cost to a fraction of a millisecond per clip.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 
@@ -33,7 +34,11 @@ CODEC_IDS = {
     "h264": "V_MPEG4/ISO/AVC", "hevc": "V_MPEGH/ISO/HEVC",
 }  # fmt: skip
 TRIMMABLE = tuple(CODEC_IDS)
+MAX_GAP = 1 << 16  # bytes between two payloads read along with them (else a separate read)
 CLUSTER_MS = 8000  # cluster length: block timestamps are int16 ms offsets from their cluster's
+
+
+_BLOCK = struct.Struct(">BIBhB")
 
 
 class TrimError(VideoReadError):
@@ -48,6 +53,11 @@ def _size(n: int) -> bytes:
     return b"\x01" + n.to_bytes(7, "big")
 
 
+def _size8(n: int) -> bytes:
+    """EBML size in its 8-byte form (lets a parent's size be written before its children are joined)."""
+    return b"\x01" + n.to_bytes(7, "big")
+
+
 def _el(ident: int, payload: bytes) -> bytes:
     return ident.to_bytes((ident.bit_length() + 7) // 8, "big") + _size(len(payload)) + payload
 
@@ -56,20 +66,22 @@ def _uint(ident: int, value: int) -> bytes:
     return _el(ident, value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big"))
 
 
-def _header(index: VideoIndex, frame_ms: int) -> tuple[bytes, bytes]:
-    """EBML header, then the start of a Segment: Info and the one video Tracks entry."""
+@functools.lru_cache(maxsize=64)
+def _header(codec: str, width: int, height: int, frame_ms: int, extradata: bytes) -> tuple[bytes, bytes]:
+    """EBML header, then the start of a Segment: Info and the one video Tracks entry (the same for
+    every clip of one format, hence cached)."""
     ebml = _el(0x1A45DFA3, b"".join([
         _uint(0x4286, 1), _uint(0x42F7, 1), _uint(0x42F2, 4), _uint(0x42F3, 8),
         _el(0x4282, b"matroska"), _uint(0x4287, 4), _uint(0x4285, 2),
     ]))  # fmt: skip
     info = _el(0x1549A966, _uint(0x2AD7B1, 1_000_000) + _el(0x4D80, b"vidrec") + _el(0x5741, b"vidrec"))
-    video = _el(0xE0, _uint(0xB0, index.width) + _uint(0xBA, index.height))
+    video = _el(0xE0, _uint(0xB0, width) + _uint(0xBA, height))
     entry = b"".join([
         _uint(0xD7, 1), _uint(0x73C5, 1), _uint(0x83, 1), _uint(0x9C, 0),
-        _el(0x86, CODEC_IDS[index.codec].encode()), _uint(0x23E383, frame_ms * 1_000_000), video,
+        _el(0x86, CODEC_IDS[codec].encode()), _uint(0x23E383, frame_ms * 1_000_000), video,
     ])  # fmt: skip
-    if index.extradata:
-        entry += _el(0x63A2, index.extradata)
+    if extradata:
+        entry += _el(0x63A2, extradata)
     return ebml, info + _el(0x1654AE6B, _el(0xAE, entry))
 
 
@@ -109,8 +121,8 @@ def plan(index: VideoIndex, indices: np.ndarray) -> tuple[list[tuple[int, int, n
         else:
             spans.append([s, e])
     pts = packets["pts"]
-    position_of: dict[int, int] = {}
     ranges = []
+    firsts, outs = [], []  # per range: first packet, output position of its first frame
     out = 0
     for s, e in spans:
         seg_pts = pts[s : e + 1]
@@ -121,11 +133,14 @@ def plan(index: VideoIndex, indices: np.ndarray) -> tuple[list[tuple[int, int, n
             )
         rank = np.empty(len(seg_pts), np.int64)
         rank[np.argsort(seg_pts, kind="stable")] = np.arange(len(seg_pts))
-        for p in range(s, e + 1):
-            position_of[p] = out + int(rank[p - s])
         ranges.append((s, e, rank))
+        firsts.append(s)
+        outs.append(out)
         out += len(seg_pts)
-    remapped = np.array([position_of[int(frame_packet[f])] for f in flat], dtype=np.int32)
+    want_packets = frame_packet[flat].astype(np.int64)
+    r = np.searchsorted(np.asarray(firsts), want_packets, side="right") - 1
+    remapped = np.array([outs[i] + int(ranges[i][2][p - firsts[i]]) for i, p in zip(r.tolist(),
+                         want_packets.tolist(), strict=True)], dtype=np.int32)  # fmt: skip
     return ranges, remapped.reshape(np.shape(indices))
 
 
@@ -140,35 +155,66 @@ def trim(
     ranges, remapped = plan(index, indices)
     ms = frame_ms(index)
     offsets, sizes, flags = packets["offset"], packets["size"], packets["flags"]
+    # layout: small header writes and payload slots at positions after the Segment header
+    writes: list[tuple[int, bytes]] = []
+    groups: list[tuple[int, list[tuple[int, int, int]]]] = []  # (file offset, [(gap, slot, size)])
+    pos = 0
+    out = 0  # frames output by earlier ranges
+    per_cluster = max(1, CLUSTER_MS // ms)
+    for s, e, rank in ranges:
+        if offsets[s : e + 1].min() < 0:
+            raise TrimError("packet payloads are not stored verbatim in the file (set data.trim: off)")
+        stamps = ((out + rank) * ms).tolist()
+        starts = offsets[s : e + 1].tolist()
+        lengths = sizes[s : e + 1].tolist()
+        keyframe = (flags[s : e + 1] & 1).tolist()
+        prev_end = -1
+        for c0 in range(0, e + 1 - s, per_cluster):
+            c1 = min(e + 1 - s, c0 + per_cluster)
+            base = stamps[c0]
+            timestamp = _uint(0xE7, base)
+            body = len(timestamp) + _BLOCK.size * (c1 - c0) + sum(lengths[c0:c1])
+            writes.append((pos, b"\x1f\x43\xb6\x75" + _size8(body) + timestamp))
+            pos += 12 + len(timestamp)
+            for k in range(c0, c1):
+                o, n = starts[k], lengths[k]
+                # SimpleBlock: id, 4-byte size, track 1, int16 time offset, flags; then the payload
+                writes.append((pos, _BLOCK.pack(0xA3, (n + 4) | 0x10000000, 0x81, stamps[k] - base,
+                                                0x80 if keyframe[k] else 0)))  # fmt: skip
+                pos += _BLOCK.size
+                if prev_end < 0 or o < prev_end or o - prev_end > MAX_GAP or len(groups[-1][1]) >= 500:
+                    groups.append((o, []))
+                    prev_end = o
+                groups[-1][1].append((o - prev_end, pos, n))
+                prev_end = o + n
+                pos += n
+        out += e + 1 - s
+    ebml, head = _header(index.codec, index.width, index.height, ms, index.extradata)
+    prefix = b"".join([ebml, b"\x18\x53\x80\x67", _size8(len(head) + pos), head])
+    data = np.empty(len(prefix) + pos, dtype=np.uint8)
+    view = memoryview(data)
+    view[: len(prefix)] = prefix
+    at = len(prefix)
+    for p, b in writes:
+        view[at + p : at + p + len(b)] = b
+    # payloads go straight from the file into their slots (preadv); block/chunk headers between
+    # them land in a scratch buffer
+    scratch = bytearray(max((g for _, items in groups for g, _, _ in items), default=0))
     own = fd is None
     if own:
         fd = os.open(path, os.O_RDONLY)
     try:
-        clusters = []
-        out = 0  # frames output by earlier ranges
-        for s, e, rank in ranges:
-            if offsets[s : e + 1].min() < 0:
-                raise TrimError("packet payloads are not stored verbatim in the file (set data.trim: off)")
-            lo = int(offsets[s : e + 1].min())
-            hi = int((offsets[s : e + 1] + sizes[s : e + 1]).max())
-            chunk = os.pread(fd, hi - lo, lo)
-            if len(chunk) != hi - lo:
-                raise VideoReadError(f"file ends at byte {lo + len(chunk)}, the packet index expects {hi}")
-            per_cluster = max(1, CLUSTER_MS // ms)
-            for c0 in range(s, e + 1, per_cluster):
-                c1 = min(e + 1, c0 + per_cluster)
-                base = (out + int(rank[c0 - s])) * ms
-                blocks = [_uint(0xE7, base)]
-                for p in range(c0, c1):
-                    rel = (out + int(rank[p - s])) * ms - base
-                    o, n = int(offsets[p]) - lo, int(sizes[p])
-                    head = b"\x81" + struct.pack(">hB", rel, 0x80 if flags[p] & 1 else 0)
-                    blocks.append(_el(0xA3, head + chunk[o : o + n]))
-                clusters.append(_el(0x1F43B675, b"".join(blocks)))
-            out += e + 1 - s
+        for lo, items in groups:
+            buffers = []
+            for gap, slot, n in items:
+                if gap:
+                    buffers.append(memoryview(scratch)[:gap])
+                buffers.append(view[at + slot : at + slot + n])
+            expected = sum(len(b) for b in buffers)
+            got = os.preadv(fd, buffers, lo)
+            if got != expected:
+                raise VideoReadError(f"file ends before byte {lo + expected}, which the packet index needs")
     finally:
         if own:
             os.close(fd)
-    ebml, head = _header(index, ms)
-    data = ebml + _el(0x18538067, head + b"".join(clusters))
-    return np.frombuffer(data, dtype=np.uint8), remapped
+    return data, remapped
