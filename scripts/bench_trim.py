@@ -1,14 +1,14 @@
 """GOP trimming figures for docs/BENCHMARKS.md: its CPU cost per clip, and what it buys DALI's decoder.
 
-    PYTHONPATH=. python scripts/bench_trim.py [--dir /tmp/trim_bench] [--clips 16] [--batches 4]
+    PYTHONPATH=. python scripts/bench_trim.py [--dir /tmp/trim_bench] [--clips 16] [--batches 4] [--repeats 2]
 
 Makes 10 s 426x320 clips (VP9 GOP 16 in WebM; H.264 GOP 16 and GOP 250 with B-frames in MP4) once,
 writes their packet index, then
 1. times, per clip and in CPU time of this process, the index lookup (memory-mapped LIST.index) and
    `trim` for TSN train sampling (T=8), over every clip x 20 epochs;
 2. runs the training loader on the VP9 clips with `cpu_decoder: dali` trim on, trim off, and the PyAV
-   route, one after another in this run, pinned to the same cores with the same threads and workers,
-   and reports clips/s beside CPU-ms per clip (this process and its workers).
+   route, in this run, pinned to the same cores with the same threads and workers, in alternating
+   order, and reports the mean clips/s beside CPU-ms per clip (this process and its workers).
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=Path("/tmp/trim_bench"))
     p.add_argument("--clips", type=int, default=16)
     p.add_argument("--batches", type=int, default=4, help="timed loader batches of 8 clips per route")
+    p.add_argument("--repeats", type=int, default=2, help="loader runs per route (order alternates)")
     args = p.parse_args(argv)
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, cores)  # workers inherit it: every route gets the same cores
@@ -131,7 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     routes = {"dali, trim on": {"cpu_decoder": "dali", "trim": "on"},
               "dali, trim off": {"cpu_decoder": "dali", "trim": "off"},
               "pyav": {"cpu_decoder": "pyav"}}  # fmt: skip
-    results = {name: loader_run(lists["vp9_gop16"], args.batches, **kw) for name, kw in routes.items()}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in routes}
+    order = list(routes)
+    for r in range(args.repeats):  # alternate the order so drift on a shared machine hits every route
+        for name in order if r % 2 == 0 else order[::-1]:
+            runs[name].append(loader_run(lists["vp9_gop16"], args.batches, **routes[name]))
+    results = {name: (float(np.mean([x[0] for x in v])), float(np.mean([x[1] for x in v])))
+               for name, v in runs.items()}  # fmt: skip
     for name, (rate, cpu) in results.items():
         print(f"| {name} | {rate:.2f} | {cpu:.0f} | {rate / results['pyav'][0]:.2f}x |")
     return 0

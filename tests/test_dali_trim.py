@@ -185,6 +185,23 @@ def loader_cfg(list_path: Path, **kw) -> DataConfig:
     return DataConfig(**base)
 
 
+def test_workers_read_the_index_file_without_demuxing(tmp_path, ffmpeg_available, monkeypatch):
+    for i in range(3):
+        write_clip(tmp_path / f"v{i}.webm", 30, W, H, seed=i)
+    list_path = tmp_path / "list.txt"
+    list_path.write_text("".join(f"v{i}.webm 30 0\n" for i in range(3)))
+    write_packet_index(list_path, [str(tmp_path / f"v{i}.webm") for i in range(3)], jobs=1, quiet=True)
+
+    def no_demux(path: str):
+        raise AssertionError(f"demuxed {path} although its index is stored")
+
+    monkeypatch.setattr("dali_pipes.packet_index.build_video_index", no_demux)  # forked workers inherit it
+    for decoder in ("dali", "pyav"):
+        loader = build_loader(loader_cfg(list_path, cpu_decoder=decoder, num_workers=2), "val")
+        assert sum(len(b["ids"]) for b in loader) == 3
+        loader.close()
+
+
 @pytest.mark.parametrize("mode", ["train", "test"])
 def test_loader_batches_identical_with_trim_on_and_off(tmp_path, ffmpeg_available, mode):
     lines = []
@@ -202,4 +219,27 @@ def test_loader_batches_identical_with_trim_on_and_off(tmp_path, ffmpeg_availabl
         loader.close()
     assert index_path_for(list_path).is_file()  # the loader's main process wrote the index
     assert len(batches["on"]) == len(batches["off"]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(batches["on"], batches["off"], strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", ["h264_bframes", "vp9"])
+def test_gpu_batches_identical_with_trim_on_and_off(tmp_path, ffmpeg_available, codec):
+    """NVDEC (`data.device: gpu`) decodes the trimmed Matroska to the same clips as the whole file."""
+    lines = []
+    for i in range(4):
+        if codec == "vp9":
+            write_clip(tmp_path / f"v{i}.webm", 60, W * 2, H * 2, gop=12, seed=i)
+            name = f"v{i}.webm"
+        else:
+            name = Path(_h264(tmp_path / f"v{i}.mp4", [])).name
+        lines.append(f"{name} 60 {i % 2}")
+    list_path = tmp_path / "list.txt"
+    list_path.write_text("\n".join(lines) + "\n")
+    batches = {}
+    for trim_on in ("on", "off"):
+        loader = build_loader(loader_cfg(list_path, device="gpu", trim=trim_on), "train", device_id=0)
+        batches[trim_on] = [b["clips"].cpu().clone() for b in loader]
+        loader.close()
+    assert len(batches["on"]) == 2
     assert all(torch.equal(a, b) for a, b in zip(batches["on"], batches["off"], strict=True))
