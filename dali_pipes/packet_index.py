@@ -2,7 +2,7 @@
 
 Per video: every packet of the first video stream in decode order (pts, dts, byte offset of the
 payload in the file, size, keyframe / disposable / discard flags) plus stream facts (codec, size,
-time base, rotation, codec extradata). The loader reads frame pts and keyframes from it (PyAV route)
+time base, codec extradata). The loader reads frame pts and keyframes from it (PyAV route)
 and `trim` reads only the byte ranges it needs (DALI decoder route), so no sample demuxes a file.
 
 The index of a list lives beside it, `LIST.index`: a file of consecutive .npy records that every
@@ -32,10 +32,10 @@ KEY, DISPOSABLE, DISCARD = 1, 2, 4  # packet flags
 PACKET = np.dtype([("pts", "<i8"), ("dts", "<i8"), ("offset", "<i8"), ("size", "<i4"), ("flags", "u1")])
 META = np.dtype([
     ("file_size", "<i8"), ("mtime_ns", "<i8"), ("first", "<i8"), ("count", "<i8"), ("width", "<i4"),
-    ("height", "<i4"), ("tb_num", "<i8"), ("tb_den", "<i8"), ("rotation", "<i2"), ("codec", "S16"),
+    ("height", "<i4"), ("tb_num", "<i8"), ("tb_den", "<i8"), ("codec", "S16"),
     ("extra_first", "<i8"), ("extra_len", "<i8"),
 ])  # fmt: skip
-FORMAT = 1  # bumped when the record layout changes; an index of another format is rebuilt
+FORMAT = 2  # bumped when the record layout changes; an index of another format is rebuilt
 NO_OFFSET = -1  # payload not found verbatim in the file (e.g. Matroska header stripping): no trimming
 
 
@@ -96,16 +96,15 @@ def build_video_index(path: str) -> VideoIndex:
             raise VideoReadError(f"{path}: cannot read packets ({e})") from None
         ctx = stream.codec_context
         tb = stream.time_base
-        rotation = int(float(stream.metadata.get("rotate", 0) or 0)) % 360
         index = _assemble(
             np.array(rows, dtype=PACKET), ctx.width, ctx.height, ctx.name,
-            (tb.numerator, tb.denominator) if tb else (0, 1), rotation, bytes(ctx.extradata or b""), path,
+            (tb.numerator, tb.denominator) if tb else (0, 1), bytes(ctx.extradata or b""), path,
         )  # fmt: skip
     return index
 
 
 def _assemble(packets: np.ndarray, width: int, height: int, codec: str, time_base: tuple[int, int],
-              rotation: int, extradata: bytes, path: str) -> VideoIndex:  # fmt: skip
+              extradata: bytes, path: str) -> VideoIndex:  # fmt: skip
     """VideoIndex from packet rows: frames are the non-discarded packets in pts order."""
     frames = np.nonzero((packets["flags"] & DISCARD) == 0)[0] if len(packets) else np.zeros(0, np.int64)
     if len(frames) == 0:
@@ -114,8 +113,8 @@ def _assemble(packets: np.ndarray, width: int, height: int, codec: str, time_bas
     pts = packets["pts"][frame_packet]
     keyframes = np.nonzero(packets["flags"][frame_packet] & KEY)[0].tolist() or [0]
     return VideoIndex(
-        pts.tolist(), keyframes, width, height, codec, time_base=time_base, rotation=rotation,
-        extradata=extradata, packets=packets, frame_packet=frame_packet,
+        pts.tolist(), keyframes, width, height, codec, time_base=time_base, extradata=extradata,
+        packets=packets, frame_packet=frame_packet,
     )  # fmt: skip
 
 
@@ -180,7 +179,7 @@ def _save(path: Path, items: dict[str, tuple[tuple[int, int], VideoIndex]]) -> N
         assert idx.packets is not None
         codec = idx.codec.encode("ascii", "replace")[:16]
         meta[i] = (size, mtime, first, len(idx.packets), idx.width, idx.height, idx.time_base[0],
-                   idx.time_base[1], idx.rotation, codec, extra_first, len(idx.extradata))  # fmt: skip
+                   idx.time_base[1], codec, extra_first, len(idx.extradata))  # fmt: skip
         packet_parts.append(np.asarray(idx.packets, PACKET))
         extra_parts.append(np.frombuffer(idx.extradata, np.uint8))
         first += len(idx.packets)
@@ -245,8 +244,8 @@ class PacketIndex:
         first, count = int(m["first"]), int(m["count"])
         extra = bytes(store.extradata[int(m["extra_first"]) : int(m["extra_first"]) + int(m["extra_len"])])
         return _assemble(np.asarray(store.packets[first : first + count]), int(m["width"]), int(m["height"]),
-                         m["codec"].decode("ascii"), (int(m["tb_num"]), int(m["tb_den"])), int(m["rotation"]),
-                         extra, path)  # fmt: skip
+                         m["codec"].decode("ascii"), (int(m["tb_num"]), int(m["tb_den"])), extra,
+                         path)  # fmt: skip
 
     def get(self, path: str, stamp: tuple[int, int] | None = None) -> VideoIndex:
         """The index of `path`: stored when fresh, else demuxed now (and kept for this process)."""

@@ -30,7 +30,6 @@ class VideoIndex:
     codec: str = ""
     # the persistent packet index (dali_pipes.packet_index) also fills these; index_video leaves them empty
     time_base: tuple[int, int] = (0, 1)
-    rotation: int = 0  # display rotation in degrees, from the stream metadata where the container has it
     extradata: bytes = b""  # codec configuration (avcC/hvcC for H.264/HEVC), for remuxing
     packets: np.ndarray | None = None  # packet_index.PACKET rows in decode order
     frame_packet: np.ndarray | None = None  # decode position of frame i (frame i = i-th in pts order)

@@ -99,17 +99,23 @@ def test_trimmed_equals_untrimmed_through_dali(clips, codec, mode):
     assert len(data) < 0.5 * len(raw) and remapped.tolist() == list(range(9))
 
 
-def _h264(path: Path, extra: list[str]) -> str:
+def _bframe_clip(path: Path, codec: str = "h264", open_gop: bool = False) -> str:
+    """60 frames, GOP 12 with 3 B-frames; closed GOPs (IDR keyframes) unless open_gop."""
+    gop = "open-gop=1" if open_gop else "open-gop=0"
+    encoder = {"h264": ["-c:v", "libx264", "-bf", "3", "-g", "12", "-keyint_min", "12", "-sc_threshold", "0",
+                        "-x264-params", gop],
+               "hevc": ["-c:v", "libx265", "-x265-params",
+                        f"log-level=error:keyint=12:min-keyint=12:bframes=3:scenecut=0:{gop}"]}[codec]
     cmd = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc=size={W}x{H}:rate=25",
-           "-frames:v", "60", "-c:v", "libx264", "-bf", "3", "-g", "12", "-keyint_min", "12",
-           "-sc_threshold", "0", *extra, str(path)]  # fmt: skip
+           "-frames:v", "60", *encoder, str(path)]  # fmt: skip
     subprocess.run(cmd, check=True)
     return str(path)
 
 
-@pytest.mark.parametrize("container", ["mp4", "mkv"])
-def test_h264_bframes_trimmed_decodes_to_the_wanted_frames(tmp_path, ffmpeg_available, container):
-    path = _h264(tmp_path / f"b.{container}", [])
+@pytest.mark.parametrize("codec,container", [("h264", "mp4"), ("h264", "mkv"), ("hevc", "mp4")])
+def test_bframes_trimmed_decodes_to_the_wanted_frames(tmp_path, ffmpeg_available, codec, container):
+    """H.264/HEVC with B-frames (DALI's CPU decoder has neither): FFmpeg decodes the trimmed file."""
+    path = _bframe_clip(tmp_path / f"b.{container}", codec)
     index = build_video_index(path)
     packets = index.packets
     assert (packets["pts"] != packets["dts"]).any(), "the clip should have reordered (B) frames"
@@ -125,8 +131,9 @@ def test_h264_bframes_trimmed_decodes_to_the_wanted_frames(tmp_path, ffmpeg_avai
         assert len(got) < len(ref) or indices.max() >= 48  # only the needed GOPs were kept
 
 
-def test_open_gop_is_refused_naming_prep_resize(tmp_path, ffmpeg_available):
-    path = _h264(tmp_path / "open.mkv", ["-x264-params", "open-gop=1"])
+@pytest.mark.parametrize("codec", ["h264", "hevc"])
+def test_open_gop_is_refused_naming_prep_resize(tmp_path, ffmpeg_available, codec):
+    path = _bframe_clip(tmp_path / "open.mkv", codec, open_gop=True)
     index = build_video_index(path)
     with pytest.raises(TrimError, match=r"open GOP.*python -m prep.resize"):
         trim(path, index, np.arange(20, 28))
@@ -232,7 +239,7 @@ def test_gpu_batches_identical_with_trim_on_and_off(tmp_path, ffmpeg_available, 
             write_clip(tmp_path / f"v{i}.webm", 60, W * 2, H * 2, gop=12, seed=i)
             name = f"v{i}.webm"
         else:
-            name = Path(_h264(tmp_path / f"v{i}.mp4", [])).name
+            name = Path(_bframe_clip(tmp_path / f"v{i}.mp4")).name
         lines.append(f"{name} 60 {i % 2}")
     list_path = tmp_path / "list.txt"
     list_path.write_text("\n".join(lines) + "\n")
