@@ -250,3 +250,22 @@ def test_gpu_batches_identical_with_trim_on_and_off(tmp_path, ffmpeg_available, 
         loader.close()
     assert len(batches["on"]) == 2
     assert all(torch.equal(a, b) for a, b in zip(batches["on"], batches["off"], strict=True))
+
+
+def test_prep_lists_and_validate_write_the_index(tmp_path, ffmpeg_available):
+    from prep.lists import main as lists_main
+    from prep.validate import main as validate_main
+
+    root, out = tmp_path / "videos", tmp_path / "lists"
+    for cls in ("a", "b"):
+        for i in range(2):
+            write_clip(root / cls / f"{cls}{i}.webm", 12 + i, W, H, seed=i)
+    assert lists_main(["folders", "--root", str(root), "--out", str(out), "--quiet", "--jobs", "1"]) == 0
+    videos = sorted(str(p) for p in root.rglob("*.webm"))
+    index = PacketIndex(index_path_for(out / "all.txt"))
+    assert [index.get(p).num_frames for p in videos] == [12, 13, 12, 13] and index.builds == 0
+
+    (out / "all.txt").write_text((out / "all.txt").read_text() + "../videos/a/missing.webm 5 0\n")
+    assert validate_main([str(out / "all.txt"), "--quiet", "--jobs", "1"]) == 1  # one bad line
+    clean = PacketIndex(index_path_for(out / "all.clean.txt"))
+    assert all(clean.get(p).num_frames > 0 for p in videos) and clean.builds == 0
