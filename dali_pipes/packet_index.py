@@ -9,11 +9,13 @@ The index of a list lives beside it, `LIST.index`: a file of consecutive .npy re
 process memory-maps (forked or spawned workers share the page cache; nothing is pickled or copied).
 Entries are keyed by the video's path relative to the index file's folder, and carry the file's size
 and mtime, so a changed file is detected and rebuilt. prep.lists and prep.validate write the index;
-the loader builds whatever is missing or stale in its main process before the workers start.
+the loader builds whatever is missing or stale in its main process before the workers start. A list
+in a read-only folder gets its index in the user's cache instead (cache_path_for).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -41,6 +43,14 @@ NO_OFFSET = -1  # payload not found verbatim in the file (e.g. Matroska header s
 
 def index_path_for(list_path: str | Path) -> Path:
     return Path(f"{list_path}.index")
+
+
+def cache_path_for(index_file: str | Path) -> Path:
+    """Where the index of a list in a read-only folder goes instead (one file per list path)."""
+    resolved = os.path.abspath(index_file)
+    digest = hashlib.sha1(resolved.encode("utf-8")).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "vidrec" / "packet_index" / f"{digest}-{Path(resolved).name}"
 
 
 def file_stamp(path: str) -> tuple[int, int]:
@@ -207,7 +217,8 @@ class PacketIndex:
 
     def __init__(self, index_file: str | Path) -> None:
         self.path = Path(index_file)
-        self.base = self.path.parent
+        self.base = self.path.parent  # keys are relative to the list's folder wherever the file lives
+        self.fallback = cache_path_for(self.path)
         self._stored: _Stored | None = None
         self._loaded = False
         self._built: dict[str, tuple[tuple[int, int], VideoIndex]] = {}
@@ -223,9 +234,14 @@ class PacketIndex:
     def key(self, path: str) -> str:
         return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(self.base))).as_posix()
 
+    def _file(self) -> Path:
+        """The file to read: beside the list, or the cache copy when that one is newer."""
+        present = [p for p in (self.path, self.fallback) if p.is_file()]
+        return max(present, key=lambda p: p.stat().st_mtime_ns) if present else self.path
+
     def _store(self) -> _Stored | None:
         if not self._loaded:
-            self._stored, self._loaded = _load(self.path), True
+            self._stored, self._loaded = _load(self._file()), True
         return self._stored
 
     def stored(self, path: str, stamp: tuple[int, int]) -> VideoIndex | None:
@@ -291,8 +307,9 @@ class PacketIndex:
     def save(self) -> None:
         """Merge the entries built in this process into the file (atomically), when there are any.
 
-        A folder that cannot be written keeps them in memory (forked workers inherit them, spawned
-        ones receive them pickled) and says so once.
+        A list folder that cannot be written gets its index in the user's cache instead
+        (cache_path_for); when that fails too the entries stay in memory (forked workers inherit
+        them, spawned ones receive them pickled) and it says so.
         """
         if not self._built:
             return
@@ -309,8 +326,13 @@ class PacketIndex:
         try:
             _save(self.path, items)
         except OSError as e:
-            log.warning("%s: cannot write the packet index (%s); kept in memory for this run", self.path, e)
-            return
+            try:
+                _save(self.fallback, items)
+                log.info("%s: not writable (%s); packet index written to %s", self.path, e, self.fallback)
+            except OSError as e2:
+                log.warning("%s: cannot write the packet index (%s, %s); kept in memory for this run",
+                            self.path, e, e2)  # fmt: skip
+                return
         self._stored, self._loaded, self._built = None, False, {}
 
 

@@ -269,3 +269,24 @@ def test_prep_lists_and_validate_write_the_index(tmp_path, ffmpeg_available):
     assert validate_main([str(out / "all.txt"), "--quiet", "--jobs", "1"]) == 1  # one bad line
     clean = PacketIndex(index_path_for(out / "all.clean.txt"))
     assert all(clean.get(p).num_frames > 0 for p in videos) and clean.builds == 0
+
+
+def test_read_only_list_folder_puts_the_index_in_the_cache(tmp_path, ffmpeg_available, monkeypatch):
+    import dali_pipes.packet_index as packet_index
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    paths = [str(write_clip(tmp_path / f"v{i}.webm", 20, W, H, seed=i)) for i in range(2)]
+    list_path = tmp_path / "list.txt"
+    save = packet_index._save
+
+    def read_only_folder(path, items):
+        if Path(path).parent == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        save(path, items)
+
+    monkeypatch.setattr(packet_index, "_save", read_only_folder)
+    assert PacketIndex(index_path_for(list_path)).update(paths) == 2
+    assert not index_path_for(list_path).exists()
+    assert packet_index.cache_path_for(index_path_for(list_path)).is_file()
+    again = PacketIndex(index_path_for(list_path))
+    assert again.update(paths) == 0 and again.get(paths[1]).num_frames == 20 and again.builds == 0
