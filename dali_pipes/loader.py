@@ -99,7 +99,7 @@ class ClipLoader:
         index = None
         if kind != "frames":  # one packet index per list, complete before the workers start
             index = PacketIndex(index_path_for(list_path))
-            built = index.update([e.path for e in entries])
+            built = index.update([e.path for e in entries], jobs=max(1, data.num_workers))
             if built:
                 log.info("%s: packet index built for %d videos (prep.lists/prep.validate write it offline)",
                          index.path, built)  # fmt: skip

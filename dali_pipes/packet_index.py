@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ META = np.dtype([
     ("extra_first", "<i8"), ("extra_len", "<i8"),
 ])  # fmt: skip
 FORMAT = 2  # bumped when the record layout changes; an index of another format is rebuilt
+PARALLEL_FROM = 64  # entries to build before update() starts a process pool
 NO_OFFSET = -1  # payload not found verbatim in the file (e.g. Matroska header stripping): no trimming
 
 
@@ -289,18 +292,28 @@ class PacketIndex:
     def add(self, path: str, stamp: tuple[int, int], idx: VideoIndex) -> None:
         self._built[self.key(path)] = (stamp, idx)
 
-    def update(self, paths: list[str]) -> int:
-        """Build the missing or stale entries of `paths` here, then save; returns how many were built.
+    def update(self, paths: list[str], jobs: int = 1) -> int:
+        """Build the missing or stale entries of `paths`, then save; returns how many were built.
 
-        Files that cannot be indexed are skipped (the per-sample load reports them with their list
-        line, and tries again).
+        With jobs > 1 and many entries to build, `jobs` spawned processes demux in parallel (spawn:
+        the caller may hold CUDA). Files that cannot be indexed are skipped (the per-sample load
+        reports them with their list line, and tries again).
         """
         stale = self.missing(paths)
-        for p, stamp in stale:
-            try:
-                self.get(p, stamp)
-            except VideoReadError:
-                continue
+        if jobs > 1 and len(stale) >= PARALLEL_FROM:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+                results = pool.map(index_job, [p for p, _ in stale], chunksize=16)
+                for (p, stamp), result in zip(stale, results, strict=True):
+                    if not isinstance(result, str):
+                        self.add(p, stamp, result)
+                        self.builds += 1
+        else:
+            for p, stamp in stale:
+                try:
+                    self.get(p, stamp)
+                except VideoReadError:
+                    continue
         self.save()
         return len(stale)
 

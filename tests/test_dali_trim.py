@@ -290,3 +290,16 @@ def test_read_only_list_folder_puts_the_index_in_the_cache(tmp_path, ffmpeg_avai
     assert packet_index.cache_path_for(index_path_for(list_path)).is_file()
     again = PacketIndex(index_path_for(list_path))
     assert again.update(paths) == 0 and again.get(paths[1]).num_frames == 20 and again.builds == 0
+
+
+def test_parallel_index_build_matches_serial(tmp_path, ffmpeg_available, monkeypatch):
+    monkeypatch.setattr("dali_pipes.packet_index.PARALLEL_FROM", 2)
+    paths = [str(write_clip(tmp_path / f"v{i}.webm", 10 + i, W, H, seed=i)) for i in range(3)]
+    (tmp_path / "bad.webm").write_bytes(b"not a video")  # skipped here, reported per sample later
+    index = PacketIndex(tmp_path / "list.txt.index")
+    assert index.update([*paths, str(tmp_path / "bad.webm")], jobs=2) == 4
+    stored = PacketIndex(tmp_path / "list.txt.index")
+    for p in paths:
+        a, b = stored.get(p), build_video_index(p)
+        assert a.pts == b.pts and a.keyframes == b.keyframes and np.array_equal(a.packets, b.packets)
+    assert stored.builds == 0
