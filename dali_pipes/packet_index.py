@@ -39,7 +39,7 @@ META = np.dtype([
     ("height", "<i4"), ("tb_num", "<i8"), ("tb_den", "<i8"), ("codec", "S16"),
     ("extra_first", "<i8"), ("extra_len", "<i8"),
 ])  # fmt: skip
-FORMAT = 2  # bumped when the record layout changes; an index of another format is rebuilt
+FORMAT = 3  # bumped when the layout or meaning of the records changes; other formats are rebuilt
 PARALLEL_FROM = 64  # entries to build before update() starts a process pool
 NO_OFFSET = -1  # payload not found verbatim in the file (e.g. Matroska header stripping): no trimming
 
@@ -73,6 +73,39 @@ def _payload_offset(data: bytes, pos: int, payload: bytes) -> int:
     return at
 
 
+def _nal_length_size(codec: str, extradata: bytes) -> int | None:
+    """H.264/HEVC: bytes of each NAL unit's length prefix (0 = Annex B start codes); None otherwise."""
+    if codec == "h264":
+        return (extradata[4] & 3) + 1 if len(extradata) > 4 and extradata[0] == 1 else 0
+    if codec == "hevc":
+        return (extradata[21] & 3) + 1 if len(extradata) > 22 and extradata[0] == 1 else 0
+    return None
+
+
+def _nal_types(payload: bytes, codec: str, nal_length: int) -> list[int]:
+    """The NAL unit types in one H.264/HEVC packet (length-prefixed or Annex B)."""
+    heads = []
+    if nal_length:
+        at = 0
+        while at + nal_length < len(payload):
+            size = int.from_bytes(payload[at : at + nal_length], "big")
+            heads.append(payload[at + nal_length])
+            at += nal_length + size
+    else:
+        at = payload.find(b"\x00\x00\x01")
+        while 0 <= at < len(payload) - 3:
+            heads.append(payload[at + 3])
+            at = payload.find(b"\x00\x00\x01", at + 3)
+    return [h & 0x1F if codec == "h264" else (h >> 1) & 0x3F for h in heads]
+
+
+def _is_refresh(payload: bytes, codec: str, nal_length: int) -> bool:
+    """Whether a packet flagged key really starts a decodable GOP: an IDR (H.264) or IRAP (HEVC)
+    picture, not an I-frame with a recovery point (intra refresh), as DALI's own index checks."""
+    types = _nal_types(payload, codec, nal_length)
+    return any(t == 5 for t in types) if codec == "h264" else any(16 <= t <= 23 for t in types)
+
+
 def build_video_index(path: str) -> VideoIndex:
     """Demux every packet of the first video stream (no decoding) into a full VideoIndex."""
     if not os.path.exists(path):
@@ -90,6 +123,8 @@ def build_video_index(path: str) -> VideoIndex:
         if not container.streams.video:
             raise VideoReadError(f"{path}: no video stream")
         stream = container.streams.video[0]
+        codec = stream.codec_context.name
+        nal_length = _nal_length_size(codec, bytes(stream.codec_context.extradata or b""))
         try:
             for packet in container.demux(stream):
                 if not packet.size:
@@ -98,10 +133,12 @@ def build_video_index(path: str) -> VideoIndex:
                     raise VideoReadError(
                         f"{path}: packet {len(rows)} has no timestamp (re-encode with python -m prep.resize)"
                     )
-                flags = (KEY if packet.is_keyframe else 0) | (DISPOSABLE if packet.is_disposable else 0)
+                payload = bytes(packet)
+                key = packet.is_keyframe and (nal_length is None or _is_refresh(payload, codec, nal_length))
+                flags = (KEY if key else 0) | (DISPOSABLE if packet.is_disposable else 0)
                 flags |= DISCARD if packet.is_discard else 0
                 dts = packet.dts if packet.dts is not None else packet.pts
-                offset = _payload_offset(data, packet.pos if packet.pos is not None else -1, bytes(packet))
+                offset = _payload_offset(data, packet.pos if packet.pos is not None else -1, payload)
                 rows.append((packet.pts, dts, offset, packet.size, flags))
         except VideoReadError:
             raise

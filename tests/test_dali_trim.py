@@ -131,12 +131,29 @@ def test_bframes_trimmed_decodes_to_the_wanted_frames(tmp_path, ffmpeg_available
         assert len(got) < len(ref) or indices.max() >= 48  # only the needed GOPs were kept
 
 
-@pytest.mark.parametrize("codec", ["h264", "hevc"])
-def test_open_gop_is_refused_naming_prep_resize(tmp_path, ffmpeg_available, codec):
-    path = _bframe_clip(tmp_path / "open.mkv", codec, open_gop=True)
+def test_hevc_open_gop_is_refused_naming_prep_resize(tmp_path, ffmpeg_available):
+    """CRA keyframes with leading pictures that reference the previous GOP cannot start a range."""
+    path = _bframe_clip(tmp_path / "open.mkv", "hevc", open_gop=True)
     index = build_video_index(path)
+    assert len(index.keyframes) > 1  # CRA pictures are IRAP: real keyframes
     with pytest.raises(TrimError, match=r"open GOP.*python -m prep.resize"):
         trim(path, index, np.arange(20, 28))
+
+
+def test_h264_recovery_point_keyframes_are_not_trusted(tmp_path, ffmpeg_available):
+    """x264's open GOPs flag non-IDR I-frames as keyframes in the container; as in DALI's own index,
+    only IDR pictures count, so trimming goes back to the IDR and stays exact."""
+    path = _bframe_clip(tmp_path / "open.mp4", "h264", open_gop=True)
+    with av.open(path) as c:
+        assert sum(p.is_keyframe for p in c.demux(video=0) if p.size) > 1
+    index = build_video_index(path)
+    assert index.keyframes == [0]
+    ref = decode_all(path)
+    indices = np.array([50, 20, 21, 33])
+    data, remapped = trim(path, index, indices)
+    with av.open(io.BytesIO(data.tobytes())) as c:
+        got = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert np.array_equal(got[remapped], ref[indices])
 
 
 def test_no_timestamps_and_empty_index_are_named(tmp_path, ffmpeg_available):
