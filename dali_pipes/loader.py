@@ -23,6 +23,7 @@ from engine.config import DataConfig, EvalConfig
 
 from .graph import clip_graph
 from .listfile import read_flip_pairs, read_list
+from .packet_index import PacketIndex, index_path_for
 from .sampling import SamplingOptions, clip_indices
 from .source import LEFT_OUT, ClipLoadError, ClipSource, SpatialOptions
 from .video_io import decode_frames
@@ -99,11 +100,19 @@ class ClipLoader:
             raise ValueError(f"{mode} sampling: {e}") from None
         spatial = SpatialOptions.from_config(data, pairs, self.views if test else None)
         self.batch = self.views.batch_size if test else data.batch_size
+        kind = source_kind(data)
+        index = None
+        if kind != "frames":  # one packet index per list, complete before the workers start
+            index = PacketIndex(index_path_for(list_path))
+            built = index.update([e.path for e in entries], jobs=max(1, data.num_workers))
+            if built:
+                log.info("%s: packet index built for %d videos (prep.lists/prep.validate write it offline)",
+                         index.path, built)  # fmt: skip
         self.source = ClipSource(
-            entries=entries, kind=source_kind(data), split=mode, sampling=self.sampling, spatial=spatial,
+            entries=entries, kind=kind, split=mode, sampling=self.sampling, spatial=spatial,
             seed=data.seed, rank=rank, world=world_size, batch=self.batch, uneven=data.uneven,
             skip_bad=data.skip_bad, frame_template=data.frame_template, frame_start=data.frame_start,
-            device=data.device,
+            device=data.device, trim=data.trim == "on", index=index,
         )  # fmt: skip
         self.num_videos = len(entries)
         self.num_crops = spatial.spatial_crops

@@ -25,7 +25,9 @@ from .sampling import REPLACE, SPATIAL, SamplingOptions, clip_indices, sample_rn
 if TYPE_CHECKING:
     from engine.config import DataConfig, EvalConfig
 
-from .video_io import VideoIndex, VideoReadError, decode_frames, index_video, rotation_refused
+from .packet_index import PacketIndex
+from .trim import trim
+from .video_io import VideoIndex, VideoReadError, decode_frames, rotation_refused
 
 log = logging.getLogger(__name__)
 DALI_CPU_CODECS = ("vp8", "vp9", "libvpx", "libvpx-vp9", "mjpeg")
@@ -162,13 +164,14 @@ class ClipSource:
     frame_template: str = "{:05d}.jpg"
     frame_start: int = 1
     device: str = "cpu"  # where kind "bytes" decodes: DALI's CPU decoder knows only DALI_CPU_CODECS
+    trim: bool = True  # kind "bytes": send only the GOPs the wanted frames need (dali_pipes.trim)
+    index: PacketIndex | None = None  # the list's persistent packet index (None: built per process)
     base_epoch: int = 0
     start_batch: int = 0
     owner_pid: int = field(default_factory=os.getpid)  # the trainer: workers die with it
     # list line -> why, for samples only DALI's decoder failed on (the loader fills it with skip_bad)
     known_bad: dict[int, str] = field(default_factory=dict, repr=False)
     _orders: dict = field(default_factory=dict, repr=False)
-    _index: dict = field(default_factory=dict, repr=False)
 
     @property
     def group(self) -> int:
@@ -238,13 +241,13 @@ class ClipSource:
 
     # ---- one sample ------------------------------------------------------------------------------
 
-    def _video_index(self, entry: Entry) -> VideoIndex:
-        idx = self._index.get(entry.path)
-        if idx is None:
-            idx = index_video(entry.path)
-            if len(self._index) > 512:
-                self._index.clear()
-            self._index[entry.path] = idx
+    def _video_index(self, entry: Entry, stamp: tuple[int, int] | None = None) -> VideoIndex:
+        """The video's packet index: from the list's index file, or demuxed once in this process."""
+        if self.index is None:
+            self.index = PacketIndex(f"{entry.list_file}.index")
+        if stamp is None and not os.path.isfile(entry.path):
+            raise VideoReadError(f"{entry.path}: file not found")
+        idx = self.index.get(entry.path, stamp)
         if idx.num_frames < entry.num_frames:
             raise VideoReadError(
                 f"shorter than listed: {idx.num_frames} frames decodable, the list says {entry.num_frames}"
@@ -279,7 +282,22 @@ class ClipSource:
             height, width = frames.shape[1:3]
             payload = (frames,)
         else:  # bytes for fn.decoders.video; the index check keeps DALI from padding black frames
-            idx = self._video_index(entry)
+            payload, (width, height) = self._encoded(entry, indices)
+        rois, mirror, label = self.spatial_params(width, height, entry.label, epoch, sid)
+        return (*payload, rois, mirror, np.array(label, dtype=np.int64))
+
+    def _encoded(self, entry: Entry, indices: np.ndarray) -> tuple[tuple, tuple[int, int]]:
+        """(encoded bytes, frame indices into them) for DALI's decoder, and the frame size.
+
+        The file is opened once: its fstat checks the packet index is current, and with trimming only
+        the byte ranges of the needed GOPs are read from it (else the whole file).
+        """
+        if not os.path.isfile(entry.path):
+            raise VideoReadError(f"{entry.path}: file not found")
+        fd = os.open(entry.path, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            idx = self._video_index(entry, (st.st_size, st.st_mtime_ns))
             if idx.rotation:
                 raise VideoReadError(rotation_refused(idx.rotation))
             if self.device == "cpu" and idx.codec not in DALI_CPU_CODECS:
@@ -287,12 +305,14 @@ class ClipSource:
                     f"codec {idx.codec} is not supported by DALI's CPU video decoder (VP8/VP9/MJPEG); "
                     "use data.cpu_decoder: pyav"
                 )
-            width, height = idx.width, idx.height
-            with open(entry.path, "rb") as f:
-                data = np.frombuffer(f.read(), dtype=np.uint8)
-            payload = (data, indices.astype(np.int32))
-        rois, mirror, label = self.spatial_params(width, height, entry.label, epoch, sid)
-        return (*payload, rois, mirror, np.array(label, dtype=np.int64))
+            if self.trim:
+                data, frames = trim(entry.path, idx, indices, fd)
+            else:
+                data = np.frombuffer(os.pread(fd, st.st_size, 0), dtype=np.uint8)
+                frames = indices.astype(np.int32)
+        finally:
+            os.close(fd)
+        return (data, frames), (idx.width, idx.height)
 
     def spatial_params(self, width: int, height: int, label: int, epoch: int, sid: int) -> tuple:
         """Relative crop boxes (crops, 4), mirror flag and (possibly swapped) label for one video."""

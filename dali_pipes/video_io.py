@@ -31,6 +31,11 @@ class VideoIndex:
     height: int
     codec: str = ""
     rotation: int = 0  # display rotation (degrees) of the first frame; the loader refuses rotated files
+    # the persistent packet index (dali_pipes.packet_index) also fills these; index_video leaves them empty
+    time_base: tuple[int, int] = (0, 1)
+    extradata: bytes = b""  # codec configuration (avcC/hvcC for H.264/HEVC), for remuxing
+    packets: np.ndarray | None = None  # packet_index.PACKET rows in decode order
+    frame_packet: np.ndarray | None = None  # decode position of frame i (frame i = i-th in pts order)
 
     @property
     def num_frames(self) -> int:
@@ -46,6 +51,15 @@ def rotation_refused(degrees: int) -> str:
 
 def _rotation(frame) -> int:
     return round(getattr(frame, "rotation", 0) or 0) % 360
+
+
+def first_frame_rotation(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
+    """Display rotation of the first frame: the display matrix reaches PyAV only on decoded frames."""
+    try:
+        container.seek(0, stream=stream)
+        return _rotation(next(container.decode(stream)))
+    except Exception:
+        return 0  # decode errors are reported by decode_frames, which names the frame
 
 
 def _open(path: str) -> av.container.InputContainer:
@@ -77,13 +91,7 @@ def index_video(path: str) -> VideoIndex:
             raise VideoReadError(f"{path}: cannot read packets ({e})") from None
         width, height = stream.codec_context.width, stream.codec_context.height
         codec = stream.codec_context.name
-        rotation = 0
-        if packets:  # the display matrix reaches PyAV only on decoded frames: decode the first one
-            try:
-                container.seek(0, stream=stream)
-                rotation = _rotation(next(container.decode(stream)))
-            except Exception:
-                pass  # decode errors are reported by decode_frames, which names the frame
+        rotation = first_frame_rotation(container, stream) if packets else 0
     packets.sort()
     if not packets:
         raise VideoReadError(f"{path}: no decodable video frames")

@@ -62,6 +62,7 @@ class DataConfig:
     frame_start: int = 1  # number of the first frame file (Sth-Sth V1 starts at 00001.jpg)
     device: str = "gpu"  # gpu: NVDEC/nvJPEG + GPU augmentation; cpu: portable CPU route
     cpu_decoder: str = "pyav"  # cpu decoding route: pyav (seeking, any codec) | dali (VP8/VP9/MJPEG)
+    trim: str = "on"  # DALI video decoder routes: feed it only the GOPs the sampled frames need (on | off)
     sampling: str = "uniform"  # uniform (TSN segments) | dense (I3D window) | clip3d (CSN clips)
     num_segments: int = 8  # T: frames (or snippets) per clip
     snippet_len: int = 1  # consecutive frames per segment (5 for MSN/TDN)
@@ -374,6 +375,7 @@ _CHOICES = {
     "data.source": ("video", "frames"),
     "data.device": ("gpu", "cpu"),
     "data.cpu_decoder": ("pyav", "dali"),
+    "data.trim": ("on", "off"),
     "data.sampling": ("uniform", "dense", "clip3d"),
     "data.dense_span": ("window", "strides"),
     "data.val_sampling": ("centre", "ctnet", "random"),

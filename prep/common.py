@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from pathlib import Path
 from typing import TypeVar
 
 from rich.progress import (
@@ -125,3 +126,20 @@ def _parallel_map(
         finally:
             # On Ctrl-C (or an exception in the caller) drop the queued work instead of finishing it.
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_packet_index(list_path: Path, video_paths: list[str], jobs: int, quiet: bool = False) -> Path:
+    """LIST.index for the videos of a list: demuxed in parallel, only entries missing or stale.
+
+    The loader memory-maps it in every worker (dali_pipes.packet_index); unreadable files are left
+    out (the list report / LIST.bad names them).
+    """
+    from dali_pipes.packet_index import PacketIndex, index_job, index_path_for
+
+    index = PacketIndex(index_path_for(list_path))
+    todo = dict(index.missing([p for p in video_paths if os.path.isfile(p)]))
+    for path, result in parallel_map(index_job, list(todo), jobs, "packet index", quiet=quiet):
+        if not isinstance(result, str):
+            index.add(path, todo[path], result)
+    index.save()
+    return index.path

@@ -9,7 +9,8 @@ num_frames is what a decoder really delivers (decoded frames, or packets with --
 container's estimate; for frame folders it is the number of images. Paths are written relative to --out
 (the list's own folder), which is what dali_pipes uses when data.root is empty. Entries whose file is
 missing or unreadable are left out and listed in OUT/lists-report.tsv; for Kinetics, the CSV rows with
-no video are also written to OUT/missing.csv (same columns, ready to feed a downloader).
+no video are also written to OUT/missing.csv (same columns, ready to feed a downloader). Beside each
+list of videos goes its packet index, SPLIT.txt.index (dali_pipes/packet_index.py): no loader demuxes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from prep.common import (
     parallel_map,
     positive_int,
     run_cli,
+    write_packet_index,
 )
 from prep.probe import ProbeError, count_images, probe_video
 
@@ -333,6 +335,7 @@ def write_lists(samples: list[Sample], classes: list[str], out: Path, problems: 
     problems = list(problems)
     lines: dict[str, list[str]] = {}
     first: dict[tuple[str, str], str] = {}  # (split, path) -> where it was annotated first
+    videos: dict[str, list[str]] = {}
     for s in samples:
         n, problem = counted[str(s.path)]
         if problem:
@@ -345,8 +348,11 @@ def write_lists(samples: list[Sample], classes: list[str], out: Path, problems: 
         first[key] = s.where
         rel = Path(os.path.relpath(s.path, out)).as_posix()
         lines.setdefault(s.split, []).append(f"{rel} {n} {s.label}\n")
+        videos.setdefault(s.split, []).append(str(s.path))
     for split, split_lines in lines.items():
         atomic_write_text(out / f"{split}.txt", "".join(split_lines))
+        if any(not Path(p).is_dir() for p in videos[split]):  # frame folders need no packet index
+            write_packet_index(out / f"{split}.txt", videos[split], jobs, quiet)
     atomic_write_text(out / "classes.txt", "".join(f"{c}\n" for c in classes))
     atomic_write_text(out / "lists-report.tsv", "".join(p.replace("\n", " ") + "\n" for p in problems))
     sizes = {split: len(v) for split, v in lines.items()}

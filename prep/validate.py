@@ -4,7 +4,8 @@
 
 Writes LIST.bad (tab-separated `entry<TAB>kind<TAB>line N: detail`, one line per problem; malformed
 lines appear as `LIST:LINE<TAB>malformed line<TAB>detail`) and the cleaned list next to LIST with
-`.clean` before the extension (train.txt -> train.clean.txt). The input list is never modified.
+`.clean` before the extension (train.txt -> train.clean.txt), with its packet index beside it
+(train.clean.txt.index, see dali_pipes/packet_index.py). The input list is never modified.
 Exit status: 0 when every entry is good, 1 when bad entries were found (both files are written either
 way), 2 for a usage error.
 
@@ -38,6 +39,7 @@ from prep.common import (
     parallel_map,
     positive_int,
     run_cli,
+    write_packet_index,
 )
 from prep.probe import EMPTY, TRUNCATED, UNDECODABLE, ProbeError, probe_video
 
@@ -263,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(bad_path, "".join(f"{where}\t{kind}\t{' '.join(detail.split())}\n"
                                         for where, kind, detail in problems))  # fmt: skip
     atomic_write_text(clean_path, "".join(f"{e.text}\n" for e in entries if e.line not in bad_lines))
+    good_videos = [e.path for e in entries if e.line not in bad_lines]
+    if any(Path(p).is_file() for p in good_videos):  # the loader memory-maps CLEAN.index (packet_index)
+        write_packet_index(clean_path, good_videos, args.jobs, args.quiet)
     kinds = Counter(kind for _, kind, _ in problems)
     good = len(entries) - len(bad_lines)
     if not problems:
