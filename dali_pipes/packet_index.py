@@ -25,7 +25,8 @@ from pathlib import Path
 
 import av
 import numpy as np
-from fileio import atomic_write
+
+from engine.fileio import atomic_write
 
 from .video_io import VideoIndex, VideoReadError, first_frame_rotation
 
@@ -158,7 +159,7 @@ def _assemble(packets: np.ndarray, width: int, height: int, codec: str, time_bas
     """VideoIndex from packet rows: frames are the non-discarded packets in pts order."""
     frames = np.nonzero((packets["flags"] & DISCARD) == 0)[0] if len(packets) else np.zeros(0, np.int64)
     if len(frames) == 0:
-        raise VideoReadError(f"{path}: empty packet index (no video frames)")
+        raise VideoReadError(f"{path}: no decodable video frames (empty packet index)")
     frame_packet = frames[np.argsort(packets["pts"][frames], kind="stable")].astype(np.int32)
     pts = packets["pts"][frame_packet]
     keyframes = np.nonzero(packets["flags"][frame_packet] & KEY)[0].tolist() or [0]

@@ -93,13 +93,19 @@ def tree_cpu_seconds(tree: set[int] | None = None) -> float:
 
 
 def pin(cores: set[int]) -> None:
-    """Pin every thread of this process (sched_setaffinity(0) alone moves only the calling thread;
-    libraries imported earlier may have started threads). Threads and processes started later inherit it."""
-    for tid in os.listdir("/proc/self/task"):
+    """Pin every thread of this process and of the children it already has (sched_setaffinity(0) alone
+    moves only the calling thread; libraries imported earlier may have started threads, and helper
+    processes such as multiprocessing's resource tracker may be running). Later ones inherit it."""
+    for pid in process_tree():
         try:
-            os.sched_setaffinity(int(tid), cores)
-        except ProcessLookupError:  # a thread that just ended
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:  # a process that just ended
             continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except (ProcessLookupError, PermissionError):  # a thread that just ended
+                continue
 
 
 def tree_affinity() -> set[int]:

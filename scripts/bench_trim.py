@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from config import DataConfig
 
 from dali_pipes.loader import build_loader, sampling_options
 from dali_pipes.packet_index import PacketIndex, index_path_for
 from dali_pipes.profile import tree_cpu_seconds
 from dali_pipes.sampling import clip_indices
 from dali_pipes.trim import trim
+from engine.config import DataConfig
 from prep.common import write_packet_index
 
 SETS = {

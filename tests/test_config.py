@@ -104,7 +104,7 @@ def test_yaml_on_off_are_strings(tmp_path):
 
 
 def test_readme_config_reference_lists_every_key():
-    """README's config reference is generated from config.py; a new field without a row fails here."""
+    """README's config reference is generated from engine/config.py; a new field without a row fails here."""
     import dataclasses
     from pathlib import Path
 

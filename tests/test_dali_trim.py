@@ -17,7 +17,6 @@ import av
 import numpy as np
 import pytest
 import torch
-from config import DataConfig, EvalConfig
 from conftest import write_clip
 from nvidia.dali import fn, pipeline_def
 
@@ -27,6 +26,7 @@ from dali_pipes.sampling import clip_indices
 from dali_pipes.source import ClipLoadError
 from dali_pipes.trim import TrimError, trim
 from dali_pipes.video_io import VideoReadError, decode_all
+from engine.config import DataConfig, EvalConfig
 from prep.common import write_packet_index
 
 W, H = 64, 48
@@ -166,13 +166,14 @@ def test_no_timestamps_and_empty_index_are_named(tmp_path, ffmpeg_available):
     empty = tmp_path / "empty.avi"  # a valid container whose video stream has no packets
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"testsrc=size={W}x{H}:rate=25",
                     "-frames:v", "0", "-c:v", "mjpeg", str(empty)], check=True)  # fmt: skip
-    with pytest.raises(VideoReadError, match=r"empty.avi: empty packet index"):
+    with pytest.raises(VideoReadError, match=r"empty.avi: no decodable video frames \(empty packet index\)"):
         build_video_index(str(empty))
     ok = write_clip(tmp_path / "ok.webm", 20, W, H)
     (tmp_path / "list.txt").write_text("ok.webm 20 0\nempty.avi 10 1\n")
     data = DataConfig(val_list=str(tmp_path / "list.txt"), device="cpu", cpu_decoder="dali", batch_size=2,
                       num_threads=1, num_workers=1, prefetch=1, input_size=32, scale_size=32)  # fmt: skip
-    with pytest.raises(ClipLoadError, match=r"list.txt:2: bad sample .*empty.avi: empty packet index"):
+    why = r"no decodable video frames \(empty packet index\)"
+    with pytest.raises(ClipLoadError, match=rf"list.txt:2: bad sample .*empty.avi: {why}"):
         list(build_loader(data, "val"))
     assert ok.exists()
 
