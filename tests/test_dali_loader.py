@@ -392,7 +392,8 @@ def test_profiler_table(dataset, tmp_path, capsys):
         assert r["clips"] == 4 and r["cpu_ms_per_clip"] > 0 and r["clips_per_s"] > 0, r
     # GOP 8, 4 segments over 32-48 frames: sequential decodes most, the route (NONREF skip) least
     assert 1 <= route["decoded_per_kept"] <= seek["decoded_per_kept"] < seq["decoded_per_kept"]
-    assert dali["decoded_note"] == "computed" and dali["decoded_per_kept"] > seek["decoded_per_kept"]
+    # DALI's decoder gets the trimmed GOPs (data.trim on): never more than a sequential decode
+    assert dali["decoded_note"] == "computed" and 1 <= dali["decoded_per_kept"] < seq["decoded_per_kept"]
     names = [r["name"] for r in doc["results"] if r["kind"] == "baseline" and not r["error"]]
     assert doc["best_baseline_cpu_ms"] in names and doc["best_baseline_clips_per_s"] in names
 
