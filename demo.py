@@ -14,8 +14,12 @@ from its reverse twin ("direction"), training time, and the run directory.
 from __future__ import annotations
 
 import argparse
+import io
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +84,44 @@ def train_and_score(name: str, data: Path, out_dir: Path, overrides: list[str]) 
     }
 
 
+class _Prefixed(io.TextIOBase):
+    """A text stream that starts every line with `prefix` (the two trainings' logs interleave)."""
+
+    def __init__(self, stream: io.TextIOBase, prefix: str) -> None:
+        self.stream, self.prefix, self.at_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        parts = []
+        for line in text.splitlines(keepends=True):
+            parts.append(self.prefix + line if self.at_start else line)
+            self.at_start = line.endswith("\n")
+        self.stream.write("".join(parts))
+        self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _train_and_score_in_child(name: str, data: Path, out_dir: Path, overrides: list[str]) -> dict:
+    """train_and_score in a worker process, its log lines marked with the model's name."""
+    sys.stderr = _Prefixed(sys.stderr, f"[{name}] ")
+    return train_and_score(name, data, out_dir, overrides)
+
+
 def run_demo(data: Path, out_root: Path, overrides: list[str] | None = None) -> list[dict]:
-    """TSM then TSN, same config and seed; returns both results."""
-    return [train_and_score(name, data, out_root / name, list(overrides or [])) for name in ("tsm", "tsn")]
+    """TSM and TSN, same config and seed; returns both results (TSM first).
+
+    Each training uses one CPU thread (train.threads, one DALI worker), so on a machine with two or more
+    cores the two run at once in two spawned processes, which nearly halves the demo's wall time; the
+    results are the same as one after the other (every random choice is seeded per run)."""
+    names, overrides = ("tsm", "tsn"), list(overrides or [])
+    if len(os.sched_getaffinity(0)) < 2:
+        return [train_and_score(name, data, out_root / name, overrides) for name in names]
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process that has started threads
+    with ProcessPoolExecutor(max_workers=2, mp_context=spawn) as pool:
+        runs = [pool.submit(_train_and_score_in_child, n, data, out_root / n, overrides) for n in names]
+        return [run.result() for run in runs]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,7 @@ def test_learning_proof_tsm_learns_motion_tsn_stays_at_chance(demo_data, tmp_pat
     import demo
 
     with capsys.disabled():
-        print(f"\nlearning proof: training TSM, then TSN, 20 epochs each on {demo_data}", file=sys.stderr)
+        print(f"\nlearning proof: training TSM and TSN, 20 epochs each on {demo_data}", file=sys.stderr)
         tsm, tsn = demo.run_demo(demo_data, tmp_path, ["train.eval_every=0"])
         print(f"learning proof: TSM {tsm}\nlearning proof: TSN {tsn}", file=sys.stderr)
     assert tsm["top1"] >= 90.0, tsm
