@@ -346,9 +346,4 @@ def build_loader(
     return ClipLoader(data_cfg, mode, rank, world_size, views, device_id)
 
 
-def count_frames_decoded(loader: ClipLoader) -> int:
-    """Frames decoded per batch (for the profiler): videos x clips x frames per clip."""
-    return loader.batch * loader.num_clips * loader.sampling.frames_per_clip
-
-
-__all__ = ["ClipLoader", "ClipLoadError", "build_loader", "count_frames_decoded"]
+__all__ = ["ClipLoader", "ClipLoadError", "build_loader"]
