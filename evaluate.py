@@ -39,7 +39,7 @@ from engine.config import (
     parse_views,
     split_cli,
 )
-from engine.distributed import all_gather_objects, init_distributed, peer_failure
+from engine.distributed import all_gather_objects, exit_on_peer_failure, init_distributed
 from engine.preflight import check_labels
 from engine.progress import ProgressLines
 from engine.reports import (
@@ -352,11 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a peer rank died or hung: one line, not a gloo/NCCL traceback
-        lost = peer_failure(e)
-        if lost is None:
-            raise
-        print(f"error: {lost}", file=sys.stderr)
-        return 1
+        return exit_on_peer_failure(e)
 
 
 if __name__ == "__main__":

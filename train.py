@@ -51,7 +51,7 @@ from engine.config import (
     split_cli,
     to_dict,
 )
-from engine.distributed import DistInfo, all_gather_objects, init_distributed, peer_failure
+from engine.distributed import DistInfo, all_gather_objects, exit_on_peer_failure, init_distributed
 from engine.fileio import atomic_write_text
 from engine.metrics_log import LogWindow, MetricsLog, provenance
 from engine.optim import ModelEMA, build_optimizer, build_scheduler, scaled_lr
@@ -500,12 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (isinstance(e, PreflightError) and os.environ.get("RANK", "0") != "0"):
             print(f"error: {e}", file=sys.stderr)
         return 3 if isinstance(e, NonFiniteLossError) else 2
-    except RuntimeError as e:  # a peer rank died or hung: say so in one line, not a gloo/NCCL traceback
-        lost = peer_failure(e)
-        if lost is None:
-            raise
-        print(f"error: {lost}", file=sys.stderr)
-        return 1
+    except RuntimeError as e:  # a peer rank died or hung: one line, not a gloo/NCCL traceback
+        return exit_on_peer_failure(e)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -4,6 +4,7 @@ the trainer and the scorer need (gather any object, mean a tensor, agree on a fl
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -104,3 +105,13 @@ def peer_failure(e: BaseException) -> str | None:
         f"rank {os.environ.get('RANK', '?')}: a collective failed because another rank failed, was killed "
         f"or hung (see that rank's error): {first}"
     )
+
+
+def exit_on_peer_failure(e: RuntimeError) -> int:
+    """The CLIs' handler: exit status 1 with one line when `e` is a collective that failed because
+    another rank did; any other RuntimeError is raised again as it is."""
+    lost = peer_failure(e)
+    if lost is None:
+        raise e
+    print(f"error: {lost}", file=sys.stderr)
+    return 1
