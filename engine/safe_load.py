@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import contextvars
 import copyreg
 import pickle
 import types
@@ -67,11 +68,20 @@ class Inert:
         return f"<inert stand-in for {type(self).__module__}.{type(self).__qualname__}>"
 
 
+# The names stood in for during the current safe_load (None outside one): every stand-in is recorded,
+# whether the pickle named it directly or reached it through getattr or a refused reconstruction.
+_made: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("safe_load_stand_ins", default=None)
+
+
 def stand_in(module: str, qualname: str) -> type[Inert]:
     """An inert class named like `module.qualname` (a class, function or method of any package), so
     reprs and error messages still say what the file referred to."""
-    attrs = {"__module__": str(module), "__qualname__": str(qualname)}
-    return type(str(qualname).rsplit(".", 1)[-1] or "?", (Inert,), attrs)
+    module, qualname = str(module), str(qualname)
+    made = _made.get()
+    if made is not None:
+        made.append(f"{module}.{qualname}")
+    attrs = {"__module__": module, "__qualname__": qualname}
+    return type(qualname.rsplit(".", 1)[-1] or "?", (Inert,), attrs)
 
 
 def inert_getattr(obj: object, name: str, *default: object) -> type[Inert]:
@@ -188,29 +198,20 @@ def resolve(module: str, name: str) -> object | None:
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler whose every global goes through `resolve`; the rest become stand-ins, and their names
-    are appended to `foreign` (a list the per-load subclass sets)."""
-
-    foreign: list[str] = []
+    """An unpickler whose every global goes through `resolve`; the rest become stand-ins."""
 
     def find_class(self, module: str, name: str) -> object:
         module, name = python3_name(module, name)
         found = resolve(module, name)
-        if found is not None:
-            return found
-        self.foreign.append(f"{module}.{name}")
-        return stand_in(module, name)
+        return stand_in(module, name) if found is None else found
 
 
-def _pickle_module(foreign: list[str]) -> types.SimpleNamespace:
-    """What torch.load needs of a `pickle_module` (Unpickler for zip archives, load for legacy files),
-    recording the stand-in names of this load into `foreign`."""
-    unpickler = type("RecordingUnpickler", (RestrictedUnpickler,), {"foreign": foreign})
-    return types.SimpleNamespace(
-        Unpickler=unpickler,
-        load=lambda f, **kw: unpickler(f, **kw).load(),
-        __name__="engine.safe_load",
-    )
+# What torch.load needs of a `pickle_module`: Unpickler (zip archives) and load (legacy files).
+restricted_pickle = types.SimpleNamespace(
+    Unpickler=RestrictedUnpickler,
+    load=lambda f, **kw: RestrictedUnpickler(f, **kw).load(),
+    __name__="engine.safe_load",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,13 +266,15 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Loa
         raise SafeLoadError(f"{path}: no such file")
     checkpoint_format(path)
     foreign: list[str] = []
+    token = _made.set(foreign)
     try:
         # weights_only=False only hands unpickling to the restricted module above (torch's own restricted
         # reader refuses the numpy and trainer objects that official checkpoints carry); nothing else runs.
-        module = _pickle_module(foreign)
-        obj = torch.load(path, map_location=map_location, weights_only=False, pickle_module=module)
+        obj = torch.load(path, map_location=map_location, weights_only=False, pickle_module=restricted_pickle)
     except Exception as e:  # torch raises many types for truncated or damaged files
         first = (str(e).splitlines() or [""])[0][:300]
         why = f"truncated or damaged? {type(e).__name__}: {first}"
         raise SafeLoadError(f"{path}: cannot read as a torch checkpoint ({why})") from None
+    finally:
+        _made.reset(token)
     return Loaded(obj, foreign)

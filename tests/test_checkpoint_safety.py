@@ -1,11 +1,11 @@
 """No code from a checkpoint, ever (issue 23): a hostile checkpoint whose pickle calls `os.system`
-(`posix.system`), `builtins.exec` and a `getattr`-fetched method, each of which would create a marker
-file, goes through every command that opens checkpoints (train.py --model.pretrained and --resume,
-evaluate.py, python -m predict, python -m models.convert with and without --trust), in the torch.save zip
-format and the legacy pickle format. No marker may appear; each command fails with one line naming the
-file, or (models.convert, payload beside real weights) converts the tensors. The reader itself
-(engine/safe_load.py) is tested on what official files carry: NumPy, OrderedDict metadata, parameters,
-argparse args, bytes, sets."""
+(`posix.system`), `builtins.exec`, a `getattr`-fetched method and `numpy.ndarray.tofile` (a method of an
+allowlisted class), each of which would create a marker file, goes through every command that opens
+checkpoints (train.py --model.pretrained and --resume, evaluate.py, python -m predict, python -m
+models.convert with and without --trust), in the torch.save zip format and the legacy pickle format. No
+marker may appear; each command fails with one line naming the file, or (models.convert, payload beside
+real weights) converts the tensors. The reader itself (engine/safe_load.py) is tested on what official
+files carry: NumPy, OrderedDict metadata, parameters, argparse args, bytes, sets, mmengine's ConfigDict."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import collections
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,14 @@ class Call:
 
 
 def payloads(markers: Path) -> dict[str, Call]:
-    """Three ways to run code at load time; each would create its own file in `markers`."""
+    """Four ways to run code at load time; each would create its own file in `markers`."""
     markers.mkdir(exist_ok=True)
     return {
         "system": Call(os.system, f"touch {markers / 'system'}"),  # pickled as posix.system
         "exec": Call(builtins.exec, f"open({str(markers / 'exec')!r}, 'w').close()"),
         "getattr": Call(Path(markers / "getattr").touch),  # getattr(PosixPath(...), 'touch')()
+        # a method of an allowlisted class: getattr(numpy.ndarray, 'tofile')(array, path) writes a file
+        "tofile": Call(np.ndarray.tofile, np.zeros(1), str(markers / "tofile")),
     }
 
 
@@ -66,7 +69,8 @@ def hostile(tmp_path: Path, request) -> tuple[Path, Path]:
     """(file, marker folder): a checkpoint-shaped dict whose every value is a payload."""
     markers = tmp_path / "markers"
     calls = payloads(markers)
-    obj = {"model": calls["system"], "state_dict": calls["exec"], "config": calls["getattr"]}
+    obj = {"model": calls["system"], "state_dict": calls["exec"], "config": calls["getattr"],
+           "meta": calls["tofile"]}  # fmt: skip
     return save(obj, tmp_path / f"evil_{request.param}.pt", request.param), markers
 
 
@@ -80,7 +84,7 @@ def test_the_payloads_do_run_under_a_plain_unpickler(tmp_path: Path) -> None:
     markers = tmp_path / "markers"
     for name, call in payloads(markers).items():
         torch.load(save(call, tmp_path / f"{name}.pt", "zip"), weights_only=False)
-    assert sorted(p.name for p in markers.iterdir()) == ["exec", "getattr", "system"]
+    assert sorted(p.name for p in markers.iterdir()) == ["exec", "getattr", "system", "tofile"]
 
 
 @pytest.mark.parametrize("hostile", FORMATS, indirect=True)
@@ -88,7 +92,8 @@ def test_safe_load_gives_inert_stand_ins(hostile) -> None:
     path, markers = hostile
     loaded = safe_load(path)
     assert_nothing_ran(markers)
-    assert {"posix.system", "builtins.exec", "pathlib.PosixPath"} <= set(loaded.foreign)
+    expected = {"posix.system", "builtins.exec", "pathlib.PosixPath", "numpy.ndarray.tofile"}
+    assert expected <= set(loaded.foreign)
     assert all(isinstance(v, Inert) for v in loaded.obj.values())
     assert type(loaded.obj["config"]).__qualname__ == "PosixPath.touch"  # the fetched method, a stand-in
 
@@ -231,3 +236,40 @@ def test_torchscript_archives_and_other_files_are_refused(tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("hello\n")
     with pytest.raises(SafeLoadError, match="not a PyTorch checkpoint"):
         safe_load(tmp_path / "notes.txt")
+
+
+FAKE_CONFIG_SOURCE = """
+class ConfigDict(dict):  # mmengine's ConfigDict is an addict.Dict: a dict subclass with this state
+    def __getstate__(self):
+        return self
+
+    def __setstate__(self, state):
+        self.update(state)
+
+
+class History(list):
+    pass
+"""
+
+
+def test_dict_and_list_subclasses_of_missing_packages_load_as_stand_ins(tmp_path, monkeypatch) -> None:
+    """mmengine pickles a ConfigDict (a dict subclass) in `meta`: its items arrive by SETITEMS on the
+    stand-in, which keeps them as data; a list subclass's by APPENDS."""
+    names = ["mmengine", "mmengine.config", "mmengine.config.config"]
+    packages = [types.ModuleType(n) for n in names]
+    module = packages[-1]
+    exec(FAKE_CONFIG_SOURCE, module.__dict__)
+    with monkeypatch.context() as patch:
+        for name, package in zip(names, packages, strict=True):
+            patch.setitem(sys.modules, name, package)
+        packages[0].config, packages[1].config = packages[1], module
+        cfg = module.ConfigDict(model={"type": "Recognizer2D"}, lr=0.01)
+        obj = {"meta": {"cfg": cfg, "history": module.History([1, 2])}, "state_dict": {"w": torch.ones(2)}}
+        src = save(obj, tmp_path / "mm.pth", "zip")
+    loaded = safe_load(src)
+    meta = loaded.obj["meta"]
+    assert sorted(loaded.foreign) == ["mmengine.config.config.ConfigDict", "mmengine.config.config.History"]
+    assert isinstance(meta["cfg"], Inert)
+    assert meta["cfg"].items == {"model": {"type": "Recognizer2D"}, "lr": 0.01}
+    assert meta["history"].listitems == [1, 2]
+    assert torch.equal(read_state_dict(src)["w"], torch.ones(2))
