@@ -34,7 +34,7 @@ from dali_pipes.source import ClipLoadError
 from engine.channels_last import model_channels_last
 from engine.checkpoint import (
     CheckpointError,
-    check_model_config,
+    check_resumable,
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
@@ -325,8 +325,7 @@ def resolve_resume(resume: str, out_dir: Path) -> Path | None:
 def restore(run: Run, path: Path) -> tuple[int, int, dict]:
     """Load a checkpoint into the run; returns (epoch, batch in that epoch, loader state) to continue at."""
     state = load_checkpoint(path, map_location=run.info.device)
-    check_model_config(run.cfg.model, state, path, "Resume it with the model config it was trained with, "
-                       "or fine-tune it in a new run: --train.out_dir=NEW --model.pretrained=CHECKPOINT")
+    check_resumable(state, path, run.cfg.model)  # a train.py checkpoint of the configured model
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])

@@ -213,6 +213,26 @@ def check_model_config(
     raise ConfigError(f"{ckpt_path} was trained as another model: {'; '.join(diffs)}. {fix}")
 
 
+# What train.py's checkpoints hold beyond the weights; --resume needs all of it.
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "epoch", "batch_in_epoch", "step", "data_state", "rng",
+                  "config")  # fmt: skip
+
+
+def check_resumable(ckpt: dict, ckpt_path: str | Path, model_cfg: ModelConfig) -> None:
+    """--resume continues a training run: the file must be a train.py checkpoint (not a models.convert
+    output or a bare state dict) of the configured model (`check_model_config`); else one line saying so."""
+    missing = [k for k in TRAINING_STATE if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{ckpt_path}: not a train.py checkpoint (no {', '.join(missing[:3])}): --resume continues a "
+            "training run; to start from these weights, use --model.pretrained in a new run"
+        )
+    check_model_config(
+        model_cfg, ckpt, ckpt_path, "Resume it with the model config it was trained with, or fine-tune it "
+        "in a new run: --train.out_dir=NEW --model.pretrained=CHECKPOINT",
+    )  # fmt: skip
+
+
 def load_model_weights(
     model: torch.nn.Module, ckpt: dict, ckpt_path: str | Path, weights: str = "model"
 ) -> None:

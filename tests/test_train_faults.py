@@ -119,6 +119,16 @@ def test_resume_of_a_checkpoint_trained_as_another_model_is_refused(monkeypatch,
     assert train.main([_write_config(tmp_path, **{"model.name": "tsn"}), "--resume", "auto"]) == 0
 
 
+def test_resume_of_a_weights_only_file_is_one_line(monkeypatch, tmp_path, capsys):
+    """A models.convert output (weights and meta, no training state) is for model.pretrained."""
+    _route_loader(monkeypatch, MemoryLoader)
+    converted = save_checkpoint(tmp_path / "converted.pt", {"model": {}, "meta": {"model": "tsm"}})
+    assert train.main([_write_config(tmp_path), "--resume", str(converted)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{converted}: not a train.py checkpoint (no optimizer, scheduler, scaler)" in line
+    assert "--model.pretrained" in line
+
+
 @pytest.mark.parametrize(
     "classes_txt, warned",
     [
