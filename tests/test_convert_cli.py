@@ -191,7 +191,7 @@ def test_converted_file_in_evaluate_and_train_loaders(tmp_path: Path, tsm_offici
     torch.save({"state_dict": tsm_official}, src)
     convert_file(src, dst, "tsm", "tsm", debug=True)
 
-    ckpt = load_checkpoint(dst)  # weights_only, the reader train.py/evaluate.py share
+    ckpt = load_checkpoint(dst)  # the restricted reader train.py/evaluate.py share
     model = build_model(model_cfg("tsm"))
     load_model_weights(model, ckpt, str(dst), "model")
     for key, value in model.state_dict().items():
