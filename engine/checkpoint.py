@@ -198,7 +198,7 @@ def check_model_config(
     """Refuse a checkpoint trained as another model than the configured one, even when its weights happen
     to fit (a tsn config on a tsm checkpoint loads, and runs without the shift): one ConfigError naming
     the differing keys and ending in `fix` (what the caller's user can do), or a warning when `allow`.
-    evaluate.py and predict score with it; train.py --resume continues with it."""
+    evaluate.py scores with it; train.py --resume continues with it (`check_resumable`)."""
     stored = stored_model_config(ckpt)
     diffs = [
         f"model.{key} {stored[key]!r} in the checkpoint, {getattr(model_cfg, key)!r} configured"
