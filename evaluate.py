@@ -26,7 +26,14 @@ import torch.distributed as dist
 
 from dali_pipes.source import ClipLoadError
 from engine.channels_last import model_channels_last
-from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights
+from engine.checkpoint import (
+    MODEL_IDENTITY,
+    CheckpointError,
+    check_model_config,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+)
 from engine.config import (
     Config,
     ConfigError,
@@ -100,40 +107,11 @@ def resolve_config(config_path: str | None, ckpt: dict, ckpt_path: str, override
     return build_config(copy.deepcopy(ckpt["config"]), overrides, f"{ckpt_path} (stored config)")
 
 
-# The fields that decide which network a checkpoint's weights belong to (not dropout, not pretrained).
-MODEL_IDENTITY = ("name", "depth", "num_classes", "num_segments", "debug")
-
-
-def stored_model_config(ckpt: dict) -> dict:
-    """The model fields a checkpoint records: train.py's stored config, or a models.convert output's meta."""
-    config = ckpt.get("config")
-    if isinstance(config, dict) and isinstance(config.get("model"), dict):
-        return config["model"]
-    meta = ckpt.get("meta")
-    if isinstance(meta, dict) and "model" in meta:
-        stored = {k: meta[k] for k in ("depth", "num_classes", "num_segments") if k in meta}
-        return {"name": meta["model"], **stored}
-    return {}
-
-
-def check_model_config(cfg: Config, ckpt: dict, ckpt_path: str, allow: bool) -> None:
-    """Refuse a checkpoint trained as another model than the configured one, even when its weights happen
-    to fit (a tsn config on a tsm checkpoint loads, and scores without the shift), unless `allow`."""
-    stored = stored_model_config(ckpt)
-    diffs = [
-        f"model.{key} {stored[key]!r} in the checkpoint, {getattr(cfg.model, key)!r} configured"
-        for key in MODEL_IDENTITY
-        if key in stored and stored[key] != getattr(cfg.model, key)
-    ]
-    if not diffs:
-        return
-    if allow:
-        log.warning("%s: evaluating despite a model config mismatch: %s", ckpt_path, "; ".join(diffs))
-        return
-    raise ConfigError(
-        f"{ckpt_path} was trained as another model: {'; '.join(diffs)}. Fix CONFIG or the overrides "
-        "(without CONFIG, the checkpoint's own config is used), or pass --allow-config-mismatch"
-    )
+# Fix for a checkpoint trained as another model (engine.checkpoint.check_model_config refuses it).
+CONFIG_MISMATCH_FIX = (
+    "Fix CONFIG or the overrides (without CONFIG, the checkpoint's own config is used), "
+    "or pass --allow-config-mismatch"
+)
 
 
 def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -153,7 +131,7 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
             args.checkpoint = str(latest_checkpoint(args.checkpoint) or args.checkpoint)
         ckpt = load_checkpoint(args.checkpoint)
         cfg = resolve_config(args.config, ckpt, args.checkpoint, overrides)
-        check_model_config(cfg, ckpt, args.checkpoint, args.allow_config_mismatch)
+        check_model_config(cfg.model, ckpt, args.checkpoint, CONFIG_MISMATCH_FIX, args.allow_config_mismatch)
         views = cfg.eval.resolved(cfg.data.sampling)
         if cfg.data.device == "gpu" and info.device.type != "cuda":
             raise ConfigError("data.device: 'gpu' but CUDA is not available here; pass --data.device=cpu")

@@ -34,6 +34,7 @@ from dali_pipes.source import ClipLoadError
 from engine.channels_last import model_channels_last
 from engine.checkpoint import (
     CheckpointError,
+    check_resumable,
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
@@ -57,7 +58,13 @@ from engine.metrics_log import LogWindow, MetricsLog, provenance
 from engine.optim import ModelEMA, build_optimizer, build_scheduler, scaled_lr
 from engine.plot import save_run_curves
 from engine.preemption import StopRequest
-from engine.preflight import PreflightError, check_labels, check_writable_dir, remove_stale_checkpoint_temps
+from engine.preflight import (
+    PreflightError,
+    check_labels,
+    check_writable_dir,
+    class_count_warning,
+    remove_stale_checkpoint_temps,
+)
 from engine.progress import log_console
 from engine.scoring import evaluate_model
 from engine.step import NonFiniteLossError, TrainStep, all_finite
@@ -268,18 +275,22 @@ def setup_process(cfg: Config) -> DistInfo:
 
 
 def preflight(cfg: Config, info: DistInfo, console: Console) -> None:
-    """Before any heavy work, on rank 0: list labels within model.num_classes, train.out_dir writable,
-    temp files of interrupted checkpoint writes removed. Every rank stops on rank 0's finding (no rank is
-    left waiting in a collective for a peer that quit)."""
+    """Before any heavy work, on rank 0: list labels within model.num_classes (a warning when the training
+    list's class count differs from it), train.out_dir writable, temp files of interrupted checkpoint
+    writes removed. Every rank stops on rank 0's finding (no rank is left waiting in a collective for a
+    peer that quit)."""
     from dali_pipes.listfile import read_list
 
-    error = ""
+    error = note = ""
     if info.is_main:
         try:
             lists = [cfg.data.train_list] + ([cfg.data.val_list] if cfg.train.eval_every > 0 else [])
             for path in lists:
                 if path:
-                    check_labels(read_list(path, cfg.data.root), cfg.model.num_classes)
+                    entries = read_list(path, cfg.data.root)
+                    check_labels(entries, cfg.model.num_classes)
+                    if path == cfg.data.train_list:  # the list the fc learns from: does its class count fit?
+                        note = class_count_warning(entries, cfg.model.num_classes, path, cfg.data.root)
             out_dir = check_writable_dir(cfg.train.out_dir)
             for stale in remove_stale_checkpoint_temps(out_dir):
                 console.print(f"removed {stale.name} (temp file of an interrupted checkpoint write)")
@@ -288,6 +299,8 @@ def preflight(cfg: Config, info: DistInfo, console: Console) -> None:
     errors = [e for e in all_gather_objects(error) if e]
     if errors:
         raise PreflightError(errors[0])
+    if note:
+        console.print(f"warning: {note}", style="yellow", markup=False)
 
 
 def resolve_resume(resume: str, out_dir: Path) -> Path | None:
@@ -312,6 +325,7 @@ def resolve_resume(resume: str, out_dir: Path) -> Path | None:
 def restore(run: Run, path: Path) -> tuple[int, int, dict]:
     """Load a checkpoint into the run; returns (epoch, batch in that epoch, loader state) to continue at."""
     state = load_checkpoint(path, map_location=run.info.device)
+    check_resumable(state, path, run.cfg.model)  # a train.py checkpoint of the configured model
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])

@@ -37,6 +37,30 @@ def check_labels(entries: Iterable[LabelledEntry], num_classes: int, key: str = 
             )
 
 
+def class_count_warning(
+    entries: Iterable[LabelledEntry], num_classes: int, list_path: str | Path, root: str | Path = ""
+) -> str:
+    """'' when the training list's classes fill model.num_classes, else one line saying how they differ.
+
+    The list's classes are the names in classes.txt beside it (or in data.root) when there is one, else
+    max label + 1. With fewer classes than num_classes, the extra outputs never see a label (a recipe's 400
+    on a 10-class set); labels beyond num_classes are `check_labels`'s error, not this warning."""
+    labels = max((e.label for e in entries), default=-1) + 1
+    folders = [Path(list_path).parent] + ([Path(root)] if root else [])
+    named = next((f / "classes.txt" for f in folders if (f / "classes.txt").is_file()), None)
+    if named is not None:
+        count = sum(1 for line in named.read_text(errors="replace").splitlines() if line.strip())
+        source = f"{named} names {count} classes"
+    else:
+        count, source = labels, f"{list_path} has labels 0..{labels - 1} ({labels} classes)"
+    if count == num_classes:
+        return ""
+    return (
+        f"model.num_classes is {num_classes} but {source}: the model's class count differs from the data's "
+        "(set model.num_classes to match unless this is intended)"
+    )
+
+
 def check_writable_dir(path: str | Path, key: str = "train.out_dir") -> Path:
     """Create `path` if needed and prove a file can be written there (a file in its place, a read-only
     folder or a missing permission fails here, in one line, instead of at the first checkpoint)."""
