@@ -7,10 +7,12 @@ and prep.validate (`parse_list`, which reports every bad line and keeps the good
 - UTF-8 text; a byte-order mark at the start is ignored, CRLF line endings are accepted.
 - Blank lines and comment lines (first non-blank character `#`) are skipped; they still count in
   line numbers. A `#` later in a line is part of the path.
-- The last two whitespace-separated fields are num_frames (>= 1) and label (>= 0, below the class
-  count when one is known), plain ASCII digits; everything before them is the path, which may hold
-  spaces. A line whose path ends in a separate number field (`a.webm 10 0 3`) has too many fields.
-- Each file once: a path listed again (after joining to the root) is a duplicate line.
+- The last two whitespace-separated fields are num_frames (1 .. 2**31 - 1) and label (>= 0, below the
+  class count when one is known), plain ASCII digits; everything before them is the path, which may hold
+  spaces (not a NUL byte). A line whose path ends in a separate number field (`a.webm 10 0 3`) has too
+  many fields.
+- Each file once: a path listed again (after joining to the root and resolving symbolic links, so a
+  link to a listed file is the same file) is a duplicate line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MALFORMED = "malformed line"
+# num_frames and label above this are typos (2**31 - 1 frames: two years at 30 fps); bounding them keeps
+# the sampler's and DALI's int32/int64 arithmetic from overflowing into a traceback
+MAX_COUNT = 2**31 - 1
 DUPLICATE = "duplicate line"
 
 
@@ -78,6 +83,10 @@ def _parse_line(text: str, num_classes: int | None) -> tuple[str, int, int] | st
         return f"num_frames and label must be integers >= 0, got {shown!r}"
     if int(frames) < 1:
         return f"num_frames must be >= 1, got {frames}"
+    if int(frames) > MAX_COUNT or int(label) > MAX_COUNT:
+        return f"num_frames and label must be at most {MAX_COUNT}, got {shown!r}"
+    if "\0" in rel:
+        return f"the path holds a NUL byte, which no file name can: {rel!r}"
     if num_classes is not None and int(label) >= num_classes:
         return f"label {label} is out of range: there are {num_classes} classes (0..{num_classes - 1})"
     return rel, int(frames), int(label)
@@ -100,7 +109,7 @@ def parse_list(
         data = data[3:]
     entries: list[Entry] = []
     problems: list[LineProblem] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, str]] = {}  # resolved path -> (line, path as joined)
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         try:
             text = raw.decode("utf-8").rstrip("\r")
@@ -116,12 +125,16 @@ def parse_list(
             continue
         rel, num_frames, label = parsed
         path = str(base / rel)
-        key = os.path.normpath(path)
+        key = os.path.realpath(path)
         if key in seen:
-            why = f"{rel} is already listed on line {seen[key]} (each sample once)"
+            first, first_path = seen[key]
+            if os.path.normpath(first_path) == os.path.normpath(path):
+                why = f"{rel} is already listed on line {first} (each sample once)"
+            else:
+                why = f"{rel} is the same file as line {first} ({first_path}) through a symbolic link"
             problems.append(LineProblem(str(list_path), lineno, DUPLICATE, why))
             continue
-        seen[key] = lineno
+        seen[key] = (lineno, path)
         entries.append(Entry(path, num_frames, label, lineno, str(list_path), rel, line))
     return entries, problems
 

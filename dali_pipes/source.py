@@ -25,7 +25,7 @@ from .sampling import REPLACE, SPATIAL, SamplingOptions, clip_indices, sample_rn
 if TYPE_CHECKING:
     from engine.config import DataConfig, EvalConfig
 
-from .packet_index import PacketIndex
+from .packet_index import PacketIndex, not_a_file
 from .trim import trim
 from .video_io import VideoIndex, VideoReadError, decode_frames, rotation_refused
 
@@ -246,7 +246,7 @@ class ClipSource:
         if self.index is None:
             self.index = PacketIndex(f"{entry.list_file}.index")
         if stamp is None and not os.path.isfile(entry.path):
-            raise VideoReadError(f"{entry.path}: file not found")
+            raise VideoReadError(f"{entry.path}: {not_a_file(entry.path)}")
         idx = self.index.get(entry.path, stamp)
         if idx.num_frames < entry.num_frames:
             raise VideoReadError(
@@ -268,7 +268,8 @@ class ClipSource:
         indices = clip_indices(entry.num_frames, self.split, self.sampling, self.seed, epoch, sid).ravel()
         if self.kind == "frames":
             if not os.path.isdir(entry.path):
-                raise VideoReadError("frame folder not found")
+                found = os.path.isfile(entry.path)
+                raise VideoReadError("is a file, not a frame folder" if found else "frame folder not found")
             names = [os.path.join(entry.path, self.frame_template.format(self.frame_start + int(i)))
                      for i in indices]  # fmt: skip
             for name in names:  # the whole clip, so every frame sample of it agrees on replacement
@@ -293,7 +294,7 @@ class ClipSource:
         the byte ranges of the needed GOPs are read from it (else the whole file).
         """
         if not os.path.isfile(entry.path):
-            raise VideoReadError(f"{entry.path}: file not found")
+            raise VideoReadError(f"{entry.path}: {not_a_file(entry.path)}")
         fd = os.open(entry.path, os.O_RDONLY)
         try:
             st = os.fstat(fd)

@@ -99,6 +99,12 @@ def index_video(path: str) -> VideoIndex:
     return VideoIndex([p for p, _ in packets], keyframes, width, height, codec, rotation)
 
 
+# Decoders that read skip_frame once, when they open (FFmpeg's libdav1d wrapper): opened while an unwanted
+# packet asks for NONREF, they never output a non-reference frame, so a wanted one is lost ("frame 3 could
+# not be decoded" on SVT-AV1 files in train mode). They decode every frame instead.
+SKIP_FRAME_LATCHED = frozenset({"libdav1d"})
+
+
 class _RGBWriter:
     """Decoded frames -> slots of one uint8 (n, H, W, 3) RGB array, through one reused swscale context.
 
@@ -107,8 +113,8 @@ class _RGBWriter:
     the preallocated output also saves the per-frame array and the final np.stack (docs/BENCHMARKS.md).
     """
 
-    def __init__(self, slots: dict[int, list[int]], count: int) -> None:
-        self.slots, self.count = slots, count
+    def __init__(self, slots: dict[int, list[int]], count: int, path: str = "") -> None:
+        self.slots, self.count, self.path = slots, count, path
         self.reformatter = VideoReformatter()
         self.out: np.ndarray | None = None
         self.done: set[int] = set()
@@ -119,6 +125,10 @@ class _RGBWriter:
         view = np.frombuffer(plane, np.uint8).reshape(rgb.height, plane.line_size)[:, : rgb.width * 3]
         if self.out is None:
             self.out = np.empty((self.count, rgb.height, rgb.width, 3), np.uint8)
+        elif self.out.shape[1:3] != (rgb.height, rgb.width):
+            before = f"{self.out.shape[2]}x{self.out.shape[1]}"
+            raise VideoReadError(f"{self.path}: the frame size changes midway ({before} then {rgb.width}x"
+                                 f"{rgb.height}): a clip cannot mix sizes; re-encode with prep.resize")
         for slot in self.slots[frame_index]:
             self.out[slot] = view.reshape(rgb.height, rgb.width, 3)
         self.done.add(frame_index)
@@ -157,13 +167,14 @@ def decode_frames(
     slots: dict[int, list[int]] = {}
     for slot, i in enumerate(flat):
         slots.setdefault(i, []).append(slot)
-    got = _RGBWriter(slots, len(flat))
+    got = _RGBWriter(slots, len(flat), path)
     decoded = 0
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "NONE"
         stream.codec_context.thread_count = 1
         ctx = stream.codec_context
+        skip_nonref = skip_nonref and ctx.name not in SKIP_FRAME_LATCHED
         packets = None
         current = -1  # index of the last frame the decoder produced
         try:

@@ -76,6 +76,10 @@ def _open(path: Path) -> av.container.InputContainer:
             raise ProbeError(
                 TRUNCATED, f"MP4 without its index (moov atom): an incomplete file? ({message})"
             ) from None
+        if _looks_like_cut_matroska(path):
+            raise ProbeError(
+                TRUNCATED, f"WebM/Matroska that cannot be read through: an incomplete file? ({message})"
+            ) from None
         raise ProbeError(UNDECODABLE, f"cannot open: {message}") from None
 
 
@@ -84,6 +88,12 @@ def _looks_like_cut_mp4(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(12)
     return len(head) >= 8 and head[4:8] == b"ftyp"
+
+
+def _looks_like_cut_matroska(path: Path) -> bool:
+    """A WebM/MKV that starts with the EBML magic but cannot be opened has lost its tail (cut short)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x1a\x45\xdf\xa3"
 
 
 def _is_variable(pts: list[int]) -> bool:

@@ -35,6 +35,7 @@ from engine.config import DataConfig
 from prep.common import UserError
 from prep.probe import probe_video
 from prep.resize import main as resize_main
+from prep.validate import bad_list_path
 from prep.validate import main as validate_main
 
 TIMEOUT_S = 120  # per test; a test past it fails (SIGALRM), and the whole run is ended 60 s later
@@ -171,6 +172,32 @@ def _copy(path: Path, good: Path) -> None:
     shutil.copy(good, path)
 
 
+def _directory(path: Path, good: Path) -> None:
+    """A folder that carries a video's name (dir.mp4): not a frame folder, not a video."""
+    path.mkdir()
+
+
+def _raw_h264(path: Path, good: Path) -> None:
+    """An H.264 elementary stream (Annex B): no container, no timestamps, whatever the file is called."""
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=25", "-frames:v", str(FRAMES), "-c:v", "libx264",
+            "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-f", "h264", str(path))  # fmt: skip
+
+
+def _size_change(path: Path, good: Path) -> None:
+    """MKV whose H.264 stream switches from 64x48 to 96x64 at frame 8 (a re-joined recording)."""
+    parts = []
+    for k, size in enumerate(("64x48", "96x64")):
+        part = path.with_name(f"size_part{k}.tmp.h264")
+        _ffmpeg("-f", "lavfi", "-i", f"testsrc=size={size}:rate=25", "-frames:v", str(FRAMES // 2), "-c:v",
+                "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(part))  # fmt: skip
+        parts.append(part)
+    joined = path.with_name("size_joined.tmp.h264")
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    _ffmpeg("-r", "25", "-i", str(joined), "-c", "copy", str(path))
+    for p in (*parts, joined):
+        p.unlink()
+
+
 @dataclass(frozen=True)
 class VideoCase:
     """One kind of bad (or odd) video file and what every tool must do with it."""
@@ -207,6 +234,10 @@ VIDEO_CASES = [
     VideoCase("one_frame.webm", _one_frame, "", "ok", "done", listed=1),
     VideoCase("open_gop.mp4", _open_gop, "", "ok", "done", listed=32),
     VideoCase("dir ä/clip ü é.webm", _unicode_path, "", "ok", "done"),
+    VideoCase("dir.mp4", _directory, "undecodable", "bad", "", "is a directory"),
+    VideoCase("raw.h264", _raw_h264, "no timestamps", "bad", "failed", "elementary stream|no timestamp"),
+    VideoCase("annexb.mp4", _raw_h264, "no timestamps", "bad", "failed", "elementary stream|no timestamp"),
+    VideoCase("size_change.mkv", _size_change, "size changes", "bad", "done", "size changes midway"),
 ]
 BAD_VIDEOS = [c for c in VIDEO_CASES if c.loader == "bad"]
 VIDEO_IDS = [Path(c.name).stem.replace(" ", "_") for c in VIDEO_CASES]
@@ -231,10 +262,10 @@ def run_loader(data: DataConfig, mode: str) -> tuple[list[int], object]:
     return ids, loader
 
 
-def bad_report(list_path: Path) -> dict[str, dict[str, str]]:
-    """LIST.bad as {entry: {kind: detail}}."""
+def bad_report(list_path: Path, tag: str = "") -> dict[str, dict[str, str]]:
+    """LIST.bad (a route check: LIST.<tag>.bad) as {entry: {kind: detail}}."""
     found: dict[str, dict[str, str]] = {}
-    for line in Path(f"{list_path}.bad").read_text(encoding="utf-8").splitlines():
+    for line in bad_list_path(list_path, tag).read_text(encoding="utf-8").splitlines():
         where, kind, detail = line.split("\t")
         found.setdefault(where, {})[kind] = detail
     return found
@@ -284,7 +315,7 @@ def test_validate_gpu_route_refuses_what_nvdec_cannot_decode(videos: Path) -> No
     listed.write_text(f"good.webm {FRAMES} 0\nten_bit.mp4 {FRAMES} 0\nyuv444.mp4 {FRAMES} 0\n"
                       f"odd_65x49.webm {FRAMES} 0\n")  # fmt: skip
     assert validate_main([str(listed), "--device", "gpu", "--jobs", "1", "--quiet"]) == 1
-    report = bad_report(listed)
+    report = bad_report(listed, "gpu")
     assert set(report) == {"ten_bit.mp4", "yuv444.mp4"}
     assert "yuv420p10le" in report["ten_bit.mp4"]["unsupported codec"]
     assert "yuv444p" in report["yuv444.mp4"]["unsupported codec"]
@@ -583,6 +614,11 @@ LIST_CASES = [
     ListCase("num_frames_zero", f"{A}\nb.webm 0 1\n".encode(), 2, ">= 1"),
     ListCase("label_out_of_range", f"{A}\nb.webm 16 5\n".encode(), 2, "out of range: there are 2 classes"),
     ListCase("duplicate", f"{A}\n{B}\n./{A}\n".encode(), 3, "already listed on line 1", "duplicate line"),
+    ListCase("duplicate_through_link", f"{A}\n{B}\nlink.webm {FRAMES} 0\n".encode(), 3,
+             "same file as line 1 .* through a symbolic link", "duplicate line"),  # fmt: skip
+    ListCase("num_frames_huge", f"{A}\nb.webm 99999999999999999999 1\n".encode(), 2, "at most 2147483647"),
+    ListCase("label_huge", f"{A}\nb.webm 16 99999999999999999999\n".encode(), 2, "at most 2147483647"),
+    ListCase("nul_byte_in_path", f"{A}\nb\0.webm 16 1\n".encode(), 2, "NUL byte"),
     ListCase("not_utf8", f"{A}\n".encode() + b"b\xff.webm 16 1\n", 2, "UTF-8"),
     ListCase("utf8_bom", f"\ufeff{A}\n{B}\n".encode(), 0, "", samples=2),
     ListCase("crlf", f"{A}\r\n{B}\r\n".encode(), 0, "", samples=2),
@@ -598,6 +634,7 @@ def list_root(tmp_path_factory, ffmpeg_available) -> Path:
     root = tmp_path_factory.mktemp("lists")
     write_clip(root / "a.webm", num_frames=FRAMES, width=64, height=48)
     write_clip(root / "b.webm", num_frames=FRAMES, width=64, height=48, seed=1)
+    (root / "link.webm").symlink_to("a.webm")  # the same file under another name
     (root / "classes.txt").write_text("zero\none\n")  # validate checks labels against it
     return root
 
@@ -613,7 +650,7 @@ def test_list_rules_shared_by_validate_and_loader(list_root: Path, case: ListCas
         assert case.kind in report[f"{listed}:{case.bad_line}"]
         assert re.search(case.why, report[f"{listed}:{case.bad_line}"][case.kind])
         good = (list_root / f"{case.name}.clean.txt").read_text()
-        assert good.splitlines() == [A] + ([B] if case.name == "duplicate" else [])
+        assert good.splitlines() == [A] + ([B] if case.name.startswith("duplicate") else [])
         if case.name == "label_out_of_range":  # the loader does not know the class count (train.py does)
             assert len(read_list(listed)) == 2
             return
