@@ -166,6 +166,7 @@ class ClipSource:
     device: str = "cpu"  # where kind "bytes" decodes: DALI's CPU decoder knows only DALI_CPU_CODECS
     trim: bool = True  # kind "bytes": send only the GOPs the wanted frames need (dali_pipes.trim)
     index: PacketIndex | None = None  # the list's persistent packet index (None: built per process)
+    rotate: bool = False  # kind "pyav": apply display rotations instead of refusing them (predict)
     base_epoch: int = 0
     start_batch: int = 0
     owner_pid: int = field(default_factory=os.getpid)  # the trainer: workers die with it
@@ -228,8 +229,9 @@ class ClipSource:
                 msg = f"{entry.where}: bad sample {entry.path}: {why}"
                 if not self.skip_bad:
                     raise ClipLoadError(msg) from None
-                if frame_k == 0:
-                    log.warning("%s (data.skip_bad: replaced)", msg)
+                if frame_k == 0 and (tried == sid or self.split == "train"):  # eval: a sample's own line once
+                    fate = "replaced" if self.split == "train" else "left out"
+                    log.warning("%s (data.skip_bad: %s)", msg, fate)
                 continue
             # A padding slot (out_id PAD) is dropped anyway: its replacement is not counted.
             replaced = np.array(int(tried != sid and out_id != PAD), dtype=np.int32)
@@ -279,7 +281,7 @@ class ClipSource:
                 payload: tuple = (np.frombuffer(f.read(), dtype=np.uint8),)
         elif self.kind == "pyav":
             idx = self._video_index(entry)
-            frames = decode_frames(entry.path, indices, idx)
+            frames = decode_frames(entry.path, indices, idx, rotate=self.rotate)
             height, width = frames.shape[1:3]
             payload = (frames,)
         else:  # bytes for fn.decoders.video; the index check keeps DALI from padding black frames

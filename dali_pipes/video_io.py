@@ -119,18 +119,23 @@ class _RGBWriter:
         self.out: np.ndarray | None = None
         self.done: set[int] = set()
 
-    def put(self, frame_index: int, frame: av.VideoFrame) -> None:
+    def put(self, frame_index: int, frame: av.VideoFrame, turns: int = 0) -> None:
+        """Store `frame` as RGB, turned `turns` quarter turns counterclockwise (its display rotation)."""
         rgb = self.reformatter.reformat(frame, format="rgb24", threads=1)
         plane = rgb.planes[0]
         view = np.frombuffer(plane, np.uint8).reshape(rgb.height, plane.line_size)[:, : rgb.width * 3]
+        image = view.reshape(rgb.height, rgb.width, 3)
+        if turns:
+            image = np.rot90(image, turns)
+        height, width = image.shape[:2]
         if self.out is None:
-            self.out = np.empty((self.count, rgb.height, rgb.width, 3), np.uint8)
-        elif self.out.shape[1:3] != (rgb.height, rgb.width):
+            self.out = np.empty((self.count, height, width, 3), np.uint8)
+        elif self.out.shape[1:3] != (height, width):
             before = f"{self.out.shape[2]}x{self.out.shape[1]}"
-            raise VideoReadError(f"{self.path}: the frame size changes midway ({before} then {rgb.width}x"
-                                 f"{rgb.height}): a clip cannot mix sizes; re-encode with prep.resize")
+            raise VideoReadError(f"{self.path}: the frame size changes midway ({before} then {width}x"
+                                 f"{height}): a clip cannot mix sizes; re-encode with prep.resize")
         for slot in self.slots[frame_index]:
-            self.out[slot] = view.reshape(rgb.height, rgb.width, 3)
+            self.out[slot] = image
         self.done.add(frame_index)
 
 
@@ -141,6 +146,7 @@ def decode_frames(
     *,
     skip_nonref: bool = True,
     stats: dict[str, int] | None = None,
+    rotate: bool = False,
 ) -> np.ndarray:
     """Frames at `indices` (any order, repeats allowed) as uint8 (n, H, W, 3) RGB.
 
@@ -152,7 +158,9 @@ def decode_frames(
     (tests/test_dali_loader.py::test_pyav_fast_path_is_exact). In an intra-only stream (MJPEG) an
     unwanted packet is not decoded at all. Decoding runs on the calling thread: the loader already
     runs one decoder per worker process, and measured per clip, codec threads cost CPU without
-    saving any. `stats["decoded"]` (when given) counts the frames the decoder produced.
+    saving any. `stats["decoded"]` (when given) counts the frames the decoder produced. A frame with a
+    display rotation is refused (training never rotates: prep.resize does), or with `rotate` (predict,
+    for videos in no list) turned as FFmpeg's autorotate would show it.
     """
     index = index or index_video(path)
     wanted = sorted({int(i) for i in np.asarray(indices).ravel()})
@@ -195,9 +203,9 @@ def decode_frames(
                         decoded += 1
                         current = pos_of_pts.get(frame.pts, current)
                         if frame.pts in wanted_pts and current not in got.done:
-                            if _rotation(frame):
+                            if _rotation(frame) and not rotate:
                                 raise VideoReadError(f"{path}: {rotation_refused(_rotation(frame))}")
-                            got.put(current, frame)
+                            got.put(current, frame, _rotation(frame) // 90 if rotate else 0)
                     if target in got.done or current > target:
                         break
                 if target not in got.done:
