@@ -92,6 +92,18 @@ def _parse_line(text: str, num_classes: int | None) -> tuple[str, int, int] | st
     return rel, int(frames), int(label)
 
 
+def format_line(rel: str, num_frames: int, label: int) -> str:
+    """The list line for one sample; ValueError (why) when this parser would not read the same path back
+    (a path ending in ` <number>` such as a folder "take 2", blanks at either end, a line break, a
+    leading `#`): a list tool must never write a line its own loader refuses."""
+    line = f"{rel} {num_frames} {label}"
+    parsed = _parse_line(line, None) if "\n" not in line and "\r" not in line else "it holds a line break"
+    if isinstance(parsed, str) or rel.startswith("#") or parsed[0] != rel:
+        why = parsed if isinstance(parsed, str) else "blanks at its ends or a leading '#' would be lost"
+        raise ValueError(f"the list line for {rel!r} would not read back ({why}): rename it")
+    return line
+
+
 def parse_list(
     list_path: str | Path, root: str | Path = "", num_classes: int | None = None
 ) -> tuple[list[Entry], list[LineProblem]]:
