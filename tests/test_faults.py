@@ -322,6 +322,26 @@ def test_validate_gpu_route_refuses_what_nvdec_cannot_decode(videos: Path) -> No
     assert all("8-bit 4:2:0" in r["unsupported codec"] for r in report.values())
 
 
+def test_validate_gpu_route_calls_a_cut_file_cut_not_an_unknown_pixel_format(tmp_path: Path) -> None:
+    """MP4 (index first) and WebM cut at 10 %: their headers give no pixel format; --device gpu judged
+    that before decoding ("unknown pixel format"). Now the decode decides: truncated or damaged."""
+    mp4 = tmp_path / "full.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=25", "-frames:v", "32", "-c:v", "libx264",
+            "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(mp4))  # fmt: skip
+    webm = write_clip(tmp_path / "full.webm", num_frames=32, width=64, height=48)
+    write_cut_copy(mp4, tmp_path / "cut.mp4", 0.1)
+    write_cut_copy(webm, tmp_path / "cut.webm", 0.1)
+    listed = tmp_path / "cut.txt"
+    listed.write_text("cut.mp4 32 0\ncut.webm 32 0\n")
+    assert validate_main([str(listed), "--device", "gpu", "--jobs", "1", "--quiet"]) == 1
+    report = bad_report(listed, "gpu")
+    for name in ("cut.mp4", "cut.webm"):
+        kinds = report[name]
+        assert "unsupported codec" not in kinds and "pixel format" not in str(kinds), (name, kinds)
+        found = kinds.get("truncated", kinds.get("undecodable", ""))
+        assert re.search("cut short|incomplete|declares", found), kinds
+
+
 @pytest.mark.parametrize("case", VIDEO_CASES, ids=VIDEO_IDS)
 def test_loader_video_without_skip_bad(videos: Path, tmp_path: Path, case: VideoCase) -> None:
     """skip_bad off: a bad file stops the epoch with ClipLoadError `LIST:LINE: bad sample PATH: why`."""
