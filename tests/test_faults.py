@@ -383,6 +383,18 @@ def test_loader_skip_bad_val_leaves_out_and_counts(videos: Path, skip_list: Path
     assert loader.left_out == len(bad_ids) and loader.replaced == 0
 
 
+@pytest.mark.parametrize("mode", ["val", "test"])
+def test_loader_skip_bad_eval_warns_once_per_left_out_sample(videos: Path, tmp_path: Path, caplog, mode):
+    """A bad val/test sample is left out and warned about once (not once per replacement tried)."""
+    listed = tmp_path / "one_bad.txt"
+    listed.write_text(f"good.webm {FRAMES} 0\nempty.webm {FRAMES} 1\nodd_65x49.webm {FRAMES} 1\n")
+    with caplog.at_level("WARNING"):
+        ids, loader = run_loader(data_cfg(listed, root=str(videos), skip_bad=True, batch_size=1), mode)
+    warned = [r.getMessage() for r in caplog.records if "empty.webm" in r.getMessage()]
+    assert ids == [0, 2] and loader.left_out == 1
+    assert len(warned) == 1 and warned[0].endswith("(data.skip_bad: left out)"), warned
+
+
 def test_loader_worker_processes_name_the_line_and_file_too(videos: Path, tmp_path: Path) -> None:
     """With DALI worker processes (num_workers > 0) the error crosses a process boundary: same message."""
     listed = tmp_path / "pair.txt"
