@@ -11,8 +11,8 @@ and prep.validate (`parse_list`, which reports every bad line and keeps the good
   class count when one is known), plain ASCII digits; everything before them is the path, which may hold
   spaces (not a NUL byte). A line whose path ends in a separate number field (`a.webm 10 0 3`) has too
   many fields.
-- Each file once: a path listed again (after joining to the root and resolving symbolic links, so a
-  link to a listed file is the same file) is a duplicate line.
+- Each file once: a path listed again (after joining to the root; a symbolic or hard link to a listed
+  file is the same file) is a duplicate line.
 """
 
 from __future__ import annotations
@@ -92,6 +92,17 @@ def _parse_line(text: str, num_classes: int | None) -> tuple[str, int, int] | st
     return rel, int(frames), int(label)
 
 
+def file_identity(path: str) -> object:
+    """What makes two list paths one file: (device, inode) when it exists, so a symbolic or hard link to a
+    listed file is a duplicate (one stat, cheaper than resolving every component); else the normalised
+    path (a missing file listed twice is still a duplicate)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # missing, unreadable, or a NUL byte
+        return os.path.normpath(path)
+    return st.st_dev, st.st_ino
+
+
 def format_line(rel: str, num_frames: int, label: int) -> str:
     """The list line for one sample; ValueError (why) when this parser would not read the same path back
     (a path ending in ` <number>` such as a folder "take 2", blanks at either end, a line break, a
@@ -121,7 +132,7 @@ def parse_list(
         data = data[3:]
     entries: list[Entry] = []
     problems: list[LineProblem] = []
-    seen: dict[str, tuple[int, str]] = {}  # resolved path -> (line, path as joined)
+    seen: dict[object, tuple[int, str]] = {}  # file identity -> (line, path as joined)
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         try:
             text = raw.decode("utf-8").rstrip("\r")
@@ -137,13 +148,13 @@ def parse_list(
             continue
         rel, num_frames, label = parsed
         path = str(base / rel)
-        key = os.path.realpath(path)
+        key = file_identity(path)
         if key in seen:
             first, first_path = seen[key]
             if os.path.normpath(first_path) == os.path.normpath(path):
                 why = f"{rel} is already listed on line {first} (each sample once)"
             else:
-                why = f"{rel} is the same file as line {first} ({first_path}) through a symbolic link"
+                why = f"{rel} is the same file as line {first} ({first_path}) through a link"
             problems.append(LineProblem(str(list_path), lineno, DUPLICATE, why))
             continue
         seen[key] = (lineno, path)

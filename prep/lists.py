@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from dali_pipes.listfile import format_line
+from dali_pipes.listfile import file_identity, format_line
 from engine.config import DefaultsHelpFormatter
 from prep.common import (
     IMAGE_EXTENSIONS,
@@ -363,16 +363,18 @@ def write_lists(samples: list[Sample], classes: list[str], out: Path, problems: 
         counted[path] = result
     problems = list(problems)
     lines: dict[str, list[str]] = {}
-    first: dict[tuple[str, str], str] = {}  # (split, path) -> where it was annotated first
+    first: dict[tuple[str, object], tuple[str, Path]] = {}  # (split, file identity) -> (where, path) first
     videos: dict[str, list[str]] = {}
     for s in samples:
         n, problem = counted[str(s.path)]
         if problem:
             problems.append(f"{s.where}\t{s.path}: {problem}")
             continue
-        key = (s.split, str(s.path))
+        key = (s.split, file_identity(str(s.path)))
         if key in first:  # lists hold each file once (the loader and prep.validate refuse duplicates)
-            problems.append(f"{s.where}\t{s.path}: annotated again in {s.split} (kept: {first[key]})")
+            where, kept = first[key]
+            again = "annotated again" if kept == s.path else f"a link to {kept}, already listed"
+            problems.append(f"{s.where}\t{s.path}: {again} in {s.split} (kept: {where})")
             continue
         rel = Path(os.path.relpath(s.path, out)).as_posix()
         try:
@@ -380,7 +382,7 @@ def write_lists(samples: list[Sample], classes: list[str], out: Path, problems: 
         except ValueError as e:  # e.g. a folder "take 2": its line would end in "2 8 0"
             problems.append(f"{s.where}\t{e}")
             continue
-        first[key] = s.where
+        first[key] = (s.where, s.path)
         lines.setdefault(s.split, []).append(f"{line}\n")
         videos.setdefault(s.split, []).append(str(s.path))
     for split, split_lines in lines.items():

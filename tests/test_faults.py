@@ -647,7 +647,7 @@ LIST_CASES = [
     ListCase("label_out_of_range", f"{A}\nb.webm 16 5\n".encode(), 2, "out of range: there are 2 classes"),
     ListCase("duplicate", f"{A}\n{B}\n./{A}\n".encode(), 3, "already listed on line 1", "duplicate line"),
     ListCase("duplicate_through_link", f"{A}\n{B}\nlink.webm {FRAMES} 0\n".encode(), 3,
-             "same file as line 1 .* through a symbolic link", "duplicate line"),  # fmt: skip
+             "same file as line 1 .* through a link", "duplicate line"),  # fmt: skip
     ListCase("num_frames_huge", f"{A}\nb.webm 99999999999999999999 1\n".encode(), 2, "at most 2147483647"),
     ListCase("label_huge", f"{A}\nb.webm 16 99999999999999999999\n".encode(), 2, "at most 2147483647"),
     ListCase("nul_byte_in_path", f"{A}\nb\0.webm 16 1\n".encode(), 2, "NUL byte"),

@@ -229,3 +229,17 @@ def test_format_line_refuses_what_the_parser_would_misread() -> None:
     for rel in ("frames/take 2", "x.webm ", "#x.webm", "a\nb.webm"):
         with pytest.raises(ValueError, match="would not read back"):
             format_line(rel, 8, 0)
+
+
+def test_folders_link_to_a_listed_file_is_written_once(ffmpeg_available, tmp_path: Path) -> None:
+    """A class folder holding a.avi and link.avi -> a.avi: the list holds the file once (the loader would
+    refuse the second line as a duplicate), and the link is reported."""
+    from dali_pipes.listfile import read_list as loader_read_list
+
+    root, out = tmp_path / "ucf", tmp_path / "lists"
+    clip(root / "walk" / "a.avi", 4)
+    (root / "walk" / "link.avi").symlink_to(root / "walk" / "a.avi")
+    assert main(["folders", "--root", str(root), "--out", str(out), "--quiet", "--jobs", "1"]) == 0
+    assert read_list(out / "all.txt") == [("../ucf/walk/a.avi", 4, 0)]
+    assert len(loader_read_list(out / "all.txt")) == 1
+    assert "link.avi" in (out / "lists-report.tsv").read_text()
