@@ -273,3 +273,37 @@ def test_raw_elementary_streams_are_reencoded_with_fps_or_reported(ffmpeg_availa
     for name in ("a.mp4", "b.mp4"):
         info = ffprobe_video(dst2 / name)
         assert len(info["frames"]) == 12 and info["streams"][0]["codec_name"] == "h264"
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def test_ctrl_c_that_reaches_ffmpeg_first_blames_no_source(ffmpeg_available, tmp_path: Path) -> None:
+    """The race behind the issue-23 report (rc 1 and the source blamed in resize-report.tsv): ffmpeg gets
+    the SIGINT and exits 255 before Python's own KeyboardInterrupt. Made deterministic here by signalling
+    the ffmpeg child alone: exit status 130, an empty report, no traceback."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for i in range(2):
+        write_clip(src / f"c{i}.webm", num_frames=150, width=320, height=240, seed=i)
+    cmd = [sys.executable, "-m", "prep.resize", str(src), str(dst), "--short-side", "64", "--codec", "vp9",
+           "--gop", "4", "--jobs", "1", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, ffmpeg_pid = time.monotonic() + 60, None
+    while ffmpeg_pid is None and proc.poll() is None and time.monotonic() < deadline:
+        kids = [c for c in _children(proc.pid) if Path(f"/proc/{c}/comm").read_text().strip() == "ffmpeg"]
+        ffmpeg_pid = kids[0] if kids else None
+        time.sleep(0.01)
+    assert ffmpeg_pid is not None, "no ffmpeg was seen running"
+    os.kill(ffmpeg_pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and b"interrupted" in err
+    assert (dst / "resize-report.tsv").read_text() == "", "an interrupted encode blames no source"
