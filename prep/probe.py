@@ -66,6 +66,8 @@ def _open(path: Path) -> av.container.InputContainer:
         raise ProbeError(MISSING, "no such file")
     if path.is_dir():
         raise ProbeError(UNDECODABLE, "is a directory, not a video file")
+    if not path.is_file():  # opening a FIFO would wait for a writer forever
+        raise ProbeError(UNDECODABLE, "not a regular file (a FIFO, socket or device)")
     if path.stat().st_size == 0:
         raise ProbeError(EMPTY, "file has 0 bytes")
     try:

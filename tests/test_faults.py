@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import faulthandler
+import os
 import re
 import shutil
 import signal
@@ -177,6 +178,11 @@ def _directory(path: Path, good: Path) -> None:
     path.mkdir()
 
 
+def _fifo(path: Path, good: Path) -> None:
+    """A named pipe with a video's name: opening it for reading would block until a writer comes."""
+    os.mkfifo(path)
+
+
 def _raw_h264(path: Path, good: Path) -> None:
     """An H.264 elementary stream (Annex B): no container, no timestamps, whatever the file is called."""
     _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=25", "-frames:v", str(FRAMES), "-c:v", "libx264",
@@ -235,6 +241,7 @@ VIDEO_CASES = [
     VideoCase("open_gop.mp4", _open_gop, "", "ok", "done", listed=32),
     VideoCase("dir ä/clip ü é.webm", _unicode_path, "", "ok", "done"),
     VideoCase("dir.mp4", _directory, "undecodable", "bad", "", "is a directory"),
+    VideoCase("fifo.mp4", _fifo, "undecodable", "bad", "", "not a regular file"),
     VideoCase("raw.h264", _raw_h264, "no timestamps", "bad", "failed", "elementary stream|no timestamp"),
     VideoCase("annexb.mp4", _raw_h264, "no timestamps", "bad", "failed", "elementary stream|no timestamp"),
     VideoCase("size_change.mkv", _size_change, "size changes", "bad", "done", "size changes midway"),

@@ -307,3 +307,12 @@ def test_ctrl_c_that_reaches_ffmpeg_first_blames_no_source(ffmpeg_available, tmp
     assert proc.returncode == 130, err
     assert b"Traceback" not in err and b"interrupted" in err
     assert (dst / "resize-report.tsv").read_text() == "", "an interrupted encode blames no source"
+
+
+def test_a_fifo_among_the_sources_is_reported_not_waited_on(ffmpeg_available, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_clip(src / "ok.webm", num_frames=4, width=32, height=24)
+    os.mkfifo(src / "pipe.mp4")
+    assert main([str(src), str(tmp_path / "dst"), "--short-side", "16", "--quiet", "--jobs", "1"]) == 1
+    report = (tmp_path / "dst" / "resize-report.tsv").read_text()
+    assert report.startswith("pipe.mp4\tundecodable: not a regular file"), report
