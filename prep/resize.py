@@ -221,8 +221,10 @@ def convert(job: Job, opts: Options) -> tuple[str, str]:
             proc = subprocess.run(cmd, capture_output=True, text=True, pass_fds=(fd,))
         finally:
             os.close(fd)
-        # ffmpeg exits 255 after a SIGINT/SIGTERM it caught; a negative status is a signal it did not catch
-        if proc.returncode == 255 or proc.returncode in (-signal.SIGINT, -signal.SIGTERM):
+        # ffmpeg exits 255 after a SIGINT/SIGTERM it caught (silently at -v error; 255 with an error message
+        # is AVERROR(EPERM), a real failure); a negative status is a signal it did not catch
+        caught = proc.returncode == 255 and not proc.stderr.strip()
+        if caught or proc.returncode in (-signal.SIGINT, -signal.SIGTERM):
             return INTERRUPTED, ""
         if proc.returncode < 0:
             return "failed", (f"ffmpeg was killed by signal {-proc.returncode} (out of memory?), not a fault "
