@@ -58,7 +58,7 @@ NO_TIMESTAMPS = "no timestamps"
 SIZE_CHANGES = "size changes"
 JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
 
-# Codecs each loader route can decode (FFmpeg decoder names, as PyAV reports them).
+# Codecs each loader route can decode (codec names: probe reports av1 for a file libdav1d decodes).
 GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mjpeg"})  # NVDEC via DALI
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})  # DALI's CPU video decoder
 # NVDEC through DALI decodes 8-bit 4:2:0 only: 10-bit, 4:2:2 and 4:4:4 H.264 have no NVDEC profile at all,
