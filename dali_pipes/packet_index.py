@@ -56,6 +56,13 @@ def cache_path_for(index_file: str | Path) -> Path:
     return cache / "vidrec" / "packet_index" / f"{digest}-{Path(resolved).name}"
 
 
+def not_a_file(path: str) -> str:
+    """Why `path` (not a regular file) cannot be a video: missing, a folder, or something else."""
+    if os.path.isdir(path):
+        return "is a directory, not a video file"
+    return "file not found" if not os.path.exists(path) else "not a regular file (a pipe or device?)"
+
+
 def file_stamp(path: str) -> tuple[int, int]:
     """(size, mtime_ns) that an index entry must match to be used."""
     st = os.stat(path)
@@ -108,8 +115,8 @@ def _is_refresh(payload: bytes, codec: str, nal_length: int) -> bool:
 
 def build_video_index(path: str) -> VideoIndex:
     """Demux every packet of the first video stream (no decoding) into a full VideoIndex."""
-    if not os.path.exists(path):
-        raise VideoReadError(f"{path}: file not found")
+    if not os.path.isfile(path):
+        raise VideoReadError(f"{path}: {not_a_file(path)}")
     if os.path.getsize(path) == 0:
         raise VideoReadError(f"{path}: file is empty")
     with open(path, "rb") as f:

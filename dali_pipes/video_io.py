@@ -99,6 +99,12 @@ def index_video(path: str) -> VideoIndex:
     return VideoIndex([p for p, _ in packets], keyframes, width, height, codec, rotation)
 
 
+# Decoders that read skip_frame once, when they open (FFmpeg's libdav1d wrapper): opened while an unwanted
+# packet asks for NONREF, they never output a non-reference frame, so a wanted one is lost ("frame 3 could
+# not be decoded" on SVT-AV1 files in train mode). They decode every frame instead.
+SKIP_FRAME_LATCHED = frozenset({"libdav1d"})
+
+
 class _RGBWriter:
     """Decoded frames -> slots of one uint8 (n, H, W, 3) RGB array, through one reused swscale context.
 
@@ -107,20 +113,29 @@ class _RGBWriter:
     the preallocated output also saves the per-frame array and the final np.stack (docs/BENCHMARKS.md).
     """
 
-    def __init__(self, slots: dict[int, list[int]], count: int) -> None:
-        self.slots, self.count = slots, count
+    def __init__(self, slots: dict[int, list[int]], count: int, path: str = "") -> None:
+        self.slots, self.count, self.path = slots, count, path
         self.reformatter = VideoReformatter()
         self.out: np.ndarray | None = None
         self.done: set[int] = set()
 
-    def put(self, frame_index: int, frame: av.VideoFrame) -> None:
+    def put(self, frame_index: int, frame: av.VideoFrame, turns: int = 0) -> None:
+        """Store `frame` as RGB, turned `turns` quarter turns counterclockwise (its display rotation)."""
         rgb = self.reformatter.reformat(frame, format="rgb24", threads=1)
         plane = rgb.planes[0]
         view = np.frombuffer(plane, np.uint8).reshape(rgb.height, plane.line_size)[:, : rgb.width * 3]
+        image = view.reshape(rgb.height, rgb.width, 3)
+        if turns:
+            image = np.rot90(image, turns)
+        height, width = image.shape[:2]
         if self.out is None:
-            self.out = np.empty((self.count, rgb.height, rgb.width, 3), np.uint8)
+            self.out = np.empty((self.count, height, width, 3), np.uint8)
+        elif self.out.shape[1:3] != (height, width):
+            before = f"{self.out.shape[2]}x{self.out.shape[1]}"
+            raise VideoReadError(f"{self.path}: the frame size changes midway ({before} then {width}x"
+                                 f"{height}): a clip cannot mix sizes; re-encode with prep.resize")
         for slot in self.slots[frame_index]:
-            self.out[slot] = view.reshape(rgb.height, rgb.width, 3)
+            self.out[slot] = image
         self.done.add(frame_index)
 
 
@@ -131,6 +146,7 @@ def decode_frames(
     *,
     skip_nonref: bool = True,
     stats: dict[str, int] | None = None,
+    rotate: bool = False,
 ) -> np.ndarray:
     """Frames at `indices` (any order, repeats allowed) as uint8 (n, H, W, 3) RGB.
 
@@ -142,7 +158,9 @@ def decode_frames(
     (tests/test_dali_loader.py::test_pyav_fast_path_is_exact). In an intra-only stream (MJPEG) an
     unwanted packet is not decoded at all. Decoding runs on the calling thread: the loader already
     runs one decoder per worker process, and measured per clip, codec threads cost CPU without
-    saving any. `stats["decoded"]` (when given) counts the frames the decoder produced.
+    saving any. `stats["decoded"]` (when given) counts the frames the decoder produced. A frame with a
+    display rotation is refused (training never rotates: prep.resize does), or with `rotate` (predict,
+    for videos in no list) turned as FFmpeg's autorotate would show it.
     """
     index = index or index_video(path)
     wanted = sorted({int(i) for i in np.asarray(indices).ravel()})
@@ -157,13 +175,14 @@ def decode_frames(
     slots: dict[int, list[int]] = {}
     for slot, i in enumerate(flat):
         slots.setdefault(i, []).append(slot)
-    got = _RGBWriter(slots, len(flat))
+    got = _RGBWriter(slots, len(flat), path)
     decoded = 0
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "NONE"
         stream.codec_context.thread_count = 1
         ctx = stream.codec_context
+        skip_nonref = skip_nonref and ctx.name not in SKIP_FRAME_LATCHED
         packets = None
         current = -1  # index of the last frame the decoder produced
         try:
@@ -184,9 +203,9 @@ def decode_frames(
                         decoded += 1
                         current = pos_of_pts.get(frame.pts, current)
                         if frame.pts in wanted_pts and current not in got.done:
-                            if _rotation(frame):
+                            if _rotation(frame) and not rotate:
                                 raise VideoReadError(f"{path}: {rotation_refused(_rotation(frame))}")
-                            got.put(current, frame)
+                            got.put(current, frame, _rotation(frame) // 90 if rotate else 0)
                     if target in got.done or current > target:
                         break
                 if target not in got.done:
