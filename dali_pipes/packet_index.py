@@ -2,8 +2,9 @@
 
 Per video: every packet of the first video stream in decode order (pts, dts, byte offset of the
 payload in the file, size, keyframe / disposable / discard / recovery flags, payload CRC-32)
-plus stream facts (codec, size, time base, codec extradata). The loader reads frame pts and keyframes from it (PyAV route)
-and `trim` reads only the byte ranges it needs (DALI decoder route), so no sample demuxes a file.
+plus stream facts (codec, size, time base, codec extradata). The loader reads frame pts and keyframes
+from it (PyAV route) and `trim` reads only the byte ranges it needs (DALI decoder route), so no sample
+demuxes a file.
 
 The index of a list lives beside it, `LIST.index`: a file of consecutive .npy records that every
 process memory-maps (forked or spawned workers share the page cache; nothing is pickled or copied).

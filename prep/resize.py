@@ -277,6 +277,23 @@ def read_options(sidecar: Path) -> dict | None:
         raise UserError(f"{sidecar}: not valid JSON ({e}); --force re-encodes and rewrites it") from None
 
 
+def read_only_list(path: Path, src: Path) -> set[Path]:
+    """The resolved paths --only names; a line naming no video under SRC is an error naming the line."""
+    if not path.is_file():
+        raise UserError(f"--only {path}: file not found")
+    wanted: set[Path] = set()
+    root = src.resolve()
+    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        p = (src / line).resolve()  # an absolute line stays as it is
+        if not p.is_file() or not p.is_relative_to(root):
+            raise UserError(f"{path}:{lineno}: {line} is not a video under {src}")
+        wanted.add(p)
+    return wanted
+
+
 def report_path(dst: Path, shard: tuple[int, int]) -> Path:
     k, n = shard
     return dst / ("resize-report.tsv" if n == 1 else f"resize-report.shard-{k}-of-{n}.tsv")
@@ -302,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=positive_int, default=default_jobs(), help="parallel ffmpeg processes")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="only shard K of N (K from 1): N machines split one dataset")  # fmt: skip
+    p.add_argument("--only", metavar="LIST", type=Path,
+                   help="re-encode only the videos this file names, one path a line (absolute or relative to "
+                        "SRC), e.g. prep.audit's --expensive-list")  # fmt: skip
     p.add_argument("--force", action="store_true",
                    help=f"re-encode existing outputs (needed when DST/{OPTIONS_FILE} records other options)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -332,8 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs: list[Job] = []
     claimed: dict[Path, str] = {}
     skipped = 0
+    only = read_only_list(args.only, args.src) if args.only else None
     for src in find_sources(args.src):
         rel = src.relative_to(args.src)
+        if only is not None and src.resolve() not in only:
+            continue
         if not in_shard(rel.with_suffix("").as_posix(), shard):  # a.mp4 and a.webm: same shard, same output
             continue
         out = output_path(rel, args.dst, args.codec)
