@@ -1,9 +1,10 @@
 """The dataset fingerprint: which data a run saw, in one line two labs can compare.
 
 `digest` is a short hash over every list line as written, each file's size and its packet-index
-digest (every packet's timestamps, size, flags and payload CRC-32, plus the stream's codec, frame size
-and extradata), so one changed list line or one changed byte of a video's payload changes it; paths
-are hashed as the list writes them (relative), so the same data in another folder hashes the same.
+digest (packet_index.digest: every packet's timestamps, offset, size, flags and payload CRC-32, plus
+the stream's codec, frame size, time base and extradata), so one changed list line or one changed byte
+of a video's payload changes it; paths are hashed as the list writes them (relative), so the same data
+in another folder hashes the same.
 Beside it: counts (videos, classes, bad = files that cannot be indexed), the sampler and the eval
 protocol. It is computed from the list's packet index (`LIST.index`, built by demuxing when missing;
 nothing is decoded). train.py writes it to metrics.jsonl and every checkpoint; evaluate.py and
@@ -16,13 +17,11 @@ import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from engine.config import DataConfig, EvalConfig
 
 from .listfile import read_list
-from .packet_index import PacketIndex, index_path_for
-from .video_io import VideoIndex, VideoReadError
+from .packet_index import PacketIndex, file_stamp, index_path_for
+from .video_io import VideoReadError
 
 DIGEST_CHARS = 12
 
@@ -42,15 +41,6 @@ class Fingerprint:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def index_digest(index: VideoIndex) -> str:
-    """SHA-1 of one video's packet index: what the decoders see of the file."""
-    assert index.packets is not None
-    h = hashlib.sha1(f"{index.codec} {index.width}x{index.height} {index.time_base}".encode())
-    h.update(index.extradata)
-    h.update(np.ascontiguousarray(index.packets).tobytes())
-    return h.hexdigest()
 
 
 def sampler_text(data: DataConfig) -> str:
@@ -81,16 +71,16 @@ def list_fingerprint(
     data = data or DataConfig()
     entries = read_list(list_path, data.root)
     index = PacketIndex(index_path_for(list_path))
-    index.update([e.path for e in entries])
     h = hashlib.sha256()
     bad = 0
     for e in entries:
         try:
-            size = Path(e.path).stat().st_size
-            digest = index_digest(index.get(e.path))
+            stamp = file_stamp(e.path)
+            size, digest = stamp[0], index.digest(e.path, stamp)
         except (OSError, VideoReadError):
             size, digest, bad = -1, "unreadable", bad + 1
         h.update(f"{e.text}\0{size}\0{digest}\n".encode())
+    index.save()  # the entries demuxed here, for the next run
     return Fingerprint(
         h.hexdigest()[:DIGEST_CHARS], len(entries), len({e.label for e in entries}), bad,
         sampler_text(data), eval_text(data, views or EvalConfig()),
