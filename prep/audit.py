@@ -107,6 +107,8 @@ def audit_one(job: Job) -> dict:
         row.update({f"pyav_{split}": pyav, f"dali_{split}": dali, f"draws_{split}": draws})
     if math.isnan(row["dali_train"]):
         row["problem"] = "the DALI route cannot trim it (open GOP, codec, or payloads not stored verbatim)"
+    if index.num_frames < e.num_frames:  # the loader refuses it: priced on the frames there are
+        row["problem"] = f"shorter than listed: {index.num_frames} frames, the list says {e.num_frames}"
     return row
 
 
