@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
+from dali_pipes.fingerprint import describe, differs, run_fingerprints
 from dali_pipes.source import ClipLoadError
 from engine.channels_last import model_channels_last
 from engine.checkpoint import (
@@ -144,6 +145,7 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
 
         model = build_model(replace(cfg.model, pretrained=""))  # the checkpoint brings all weights
         load_model_weights(model, ckpt, args.checkpoint, args.weights)
+        validated = ckpt.get("dataset", {}).get("val")  # train.py's fingerprint of its val list
         del ckpt
         model.to(info.device)
         if cfg.train.channels_last:
@@ -156,7 +158,9 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
             progress=progress_printer(lines, info.world_size) if info.is_main else None,
         )  # fmt: skip
         if info.is_main:
-            report_checkpoint_result(args, cfg, views, result, amp, info.world_size, loader, out, identity)
+            dataset = run_fingerprints(replace(cfg.data, train_list=""), views).get("val", {})
+            report_checkpoint_result(args, cfg, views, result, amp, info.world_size, loader, out, identity,
+                                     dataset, validated)  # fmt: skip
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -243,7 +247,7 @@ def list_paths(cfg: Config, ids: np.ndarray) -> np.ndarray:
 
 def report_checkpoint_result(
     args: argparse.Namespace, cfg: Config, views: EvalConfig, result: EvalResult, amp: str, world: int,
-    loader, out: Path, identity: dict,
+    loader, out: Path, identity: dict, dataset: dict | None = None, validated: dict | None = None,
 ) -> None:  # fmt: skip
     """Rank 0: score dump, reports next to it, and the table."""
     if result.metrics["videos"] != loader.num_videos:
@@ -259,6 +263,7 @@ def report_checkpoint_result(
     meta = {
         "views": view_name, "temporal_mode": views.temporal_mode, "full_res": views.full_res,
         "fuse": views.fuse, "amp": amp, "world_size": world, "checkpoint": str(ckpt), "weights": args.weights,
+        "dataset": dataset or {},
     }  # fmt: skip
     save_dump(
         out, result.ids, result.labels, class_names, view_logits=result.view_logits,
@@ -273,6 +278,11 @@ def report_checkpoint_result(
     ]
     print_table(head + metric_rows(result.metrics), title)
     print(f"wrote {out} (+ .metrics.json, .per_class.csv, .confusion.csv, .confusion.png)")
+    if dataset:
+        print(describe("scored", dataset))
+        note = differs(dataset, validated)
+        if note:
+            print(f"note: {note}")
 
 
 def build_parser() -> argparse.ArgumentParser:

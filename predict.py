@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dali_pipes.fingerprint import describe
 from engine.channels_last import model_channels_last
 from engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from engine.config import Config, ConfigError, apply_overrides, from_dict, load_config, parse_views, split_cli
@@ -120,6 +121,7 @@ def predict(args: argparse.Namespace, overrides: list[str]) -> int:
 
     model = build_model(replace(cfg.model, pretrained=""))  # the checkpoint brings all weights
     load_model_weights(model, ckpt, args.checkpoint, args.weights)
+    trained_on = ckpt.get("dataset", {})  # train.py's dataset fingerprints (none in a converted checkpoint)
     del ckpt
     model.to(device)
     if cfg.train.channels_last:
@@ -163,11 +165,13 @@ def predict(args: argparse.Namespace, overrides: list[str]) -> int:
         f"{scored} of {len(results)} video(s) scored"
         + (f", {len(results) - scored} skipped" if scored < len(results) else "")
     )
+    for name, fp in trained_on.items():
+        console.print(f"model {describe(name, fp)}", markup=False)
     if args.out:
         meta = {
             "checkpoint": str(args.checkpoint), "model": cfg.model.name,
             "views": f"{views.spatial_crops}x{views.temporal_clips}", "temporal_mode": views.temporal_mode,
-            "fuse": views.fuse, "amp": amp, "device": device.type,
+            "fuse": views.fuse, "amp": amp, "device": device.type, "dataset": trained_on,
         }  # fmt: skip
         console.print(f"wrote {write_predictions(args.out, results, meta)}")
     return 0 if scored else 2

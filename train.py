@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dali_pipes.fingerprint import describe, run_fingerprints
 from dali_pipes.source import ClipLoadError
 from engine.channels_last import model_channels_last
 from engine.checkpoint import (
@@ -106,6 +107,7 @@ class Run:
     batches_per_rank: list[list[int]] = field(default_factory=list)
     skipped_samples: int = 0  # unreadable samples replaced (data.skip_bad), summed over ranks
     stop: StopRequest = field(default_factory=StopRequest)
+    dataset: dict = field(default_factory=dict)  # fingerprints of the train/val lists (rank 0)
 
 
 def train(cfg: Config, resume: str = "") -> dict:
@@ -371,7 +373,9 @@ def start_log(run: Run, ckpt_path: Path | None, schedule: str) -> None:
     run.metrics = MetricsLog(run.out_dir, resume_step=run.step if ckpt_path else None)
     prov = provenance(run.info)
     resumed_from = str(ckpt_path or "")
-    run.metrics.write("start", run.step, provenance=prov, config=to_dict(cfg), resumed_from=resumed_from)
+    run.dataset = run_fingerprints(cfg.data, cfg.eval)
+    run.metrics.write("start", run.step, provenance=prov, config=to_dict(cfg), resumed_from=resumed_from,
+                      dataset=run.dataset)  # fmt: skip
     n_all = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dirty = " (dirty)" if prov["git_dirty"] else ""
@@ -384,6 +388,8 @@ def start_log(run: Run, ckpt_path: Path | None, schedule: str) -> None:
         f"{cfg.model.name}: {n_trainable:,} trainable / {n_all:,} params; groups {groups}; {schedule} x "
         f"{cfg.train.epochs} epochs, amp {cfg.train.amp}"
     )
+    for name, fp in run.dataset.items():
+        run.console.print(describe(name, fp), markup=False)
 
 
 def log_train(run: Run, task: int, i: int, n_batches: int) -> None:
@@ -441,6 +447,7 @@ def save(run: Run, next_epoch: int, batch_in_epoch: int) -> Path | None:
         "rng": rngs,
         "config": to_dict(run.cfg),
         "ema": run.ema.state_dict() if run.ema is not None else None,
+        "dataset": run.dataset,
     }
     run.last_ckpt = save_checkpoint(run.out_dir / checkpoint_name(next_epoch, run.step), state)
     prune_checkpoints(run.out_dir, run.cfg.train.keep_ckpts)

@@ -49,7 +49,7 @@ from .listfile import ListFileError, read_list
 from .loader import ClipLoader, build_loader, sampling_options, source_kind
 from .sampling import clip_indices
 from .source import ClipSource, SpatialOptions, epoch_order
-from .trim import plan as trim_plan
+from .trim import decoded_frames as dali_decoded_frames
 from .video_io import VideoIndex, decode_frames, index_video
 
 BASELINES = ("pyav-seek", "pyav-seq", "decord", "torchcodec")
@@ -353,13 +353,11 @@ def decoded_per_kept(data: DataConfig, decoder: str, clips: int) -> tuple[float 
     for k in range(min(clips, len(dataset))):
         sid, idx = dataset.indices(k)
         path = dataset.entries[sid].path
-        if decoder == "route:pyav":
-            decode_frames(path, idx, cached_index(path), stats=stats)
+        if decoder == "route:pyav":  # the route's own code, on the packet index the loader uses
+            decode_frames(path, idx, packet_index(path), stats=stats)
         elif decoder == "route:bytes":  # DALI's video decoder: frame 0 up to the highest index it is given
-            top = int(idx.max())
-            if data.trim == "on":  # it is given the trimmed GOPs (dali_pipes.trim), indices remapped
-                top = int(np.max(trim_plan(packet_index(path), idx)[1]))
-            decoded, kept = decoded + top + 1, kept + len(idx)
+            decoded += dali_decoded_frames(packet_index(path), idx, trimmed=data.trim == "on")
+            kept += len(idx)
         elif decoder in ("pyav-seek", "pyav-seq"):
             baseline_decoder(decoder)(path, idx, stats)
         else:

@@ -334,6 +334,23 @@ def read_options(sidecar: Path) -> dict | None:
         raise UserError(f"{sidecar}: not valid JSON ({e}); --force re-encodes and rewrites it") from None
 
 
+def read_only_list(path: Path, src: Path) -> set[Path]:
+    """The resolved paths --only names; a line naming no video under SRC is an error naming the line."""
+    if not path.is_file():
+        raise UserError(f"--only {path}: file not found")
+    wanted: set[Path] = set()
+    root = src.resolve()
+    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        p = (src / line).resolve()  # an absolute line stays as it is
+        if not p.is_file() or not p.is_relative_to(root):
+            raise UserError(f"{path}:{lineno}: {line} is not a video under {src}")
+        wanted.add(p)
+    return wanted
+
+
 def report_path(dst: Path, shard: tuple[int, int]) -> Path:
     k, n = shard
     return dst / ("resize-report.tsv" if n == 1 else f"resize-report.shard-{k}-of-{n}.tsv")
@@ -359,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=positive_int, default=default_jobs(), help="parallel ffmpeg processes")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="only shard K of N (K from 1): N machines split one dataset")  # fmt: skip
+    p.add_argument("--only", metavar="LIST", type=Path,
+                   help="re-encode only the videos this file names, one path a line (absolute or relative to "
+                        "SRC), e.g. prep.audit's --expensive-list")  # fmt: skip
     p.add_argument("--force", action="store_true",
                    help=f"re-encode existing outputs (needed when DST/{OPTIONS_FILE} records other options)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -383,8 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--crf for {args.codec} must be in {low}..{high}, got {crf}")
     threads = max(1, default_jobs() // args.jobs)
     opts = Options(args.short_side, args.codec, args.gop, args.fps, crf, args.preset, threads)
+    only = read_only_list(args.only, args.src) if args.only else None
     sources = [s for s in find_sources(args.src)  # a.mp4 and a.webm: same shard, same output
-               if in_shard(s.relative_to(args.src).with_suffix("").as_posix(), shard)]  # fmt: skip
+               if in_shard(s.relative_to(args.src).with_suffix("").as_posix(), shard)
+               and (only is None or s.resolve() in only)]  # fmt: skip
     outputs = [output_path(s.relative_to(args.src), args.dst, args.codec) for s in sources]
     check_outputs(args.src, args.dst, outputs)
     stale_before = prepare_options(args.dst, opts, args.force)
