@@ -271,6 +271,39 @@ def test_same_seed_same_batches_and_resume(dataset):
     assert same_batches(got, ref)
 
 
+@pytest.mark.parametrize("decoder", ["dali", "pyav"])
+def test_spawned_workers_give_the_forked_batches(dataset, decoder, monkeypatch):
+    """The GPU route starts its workers with spawn (CUDA is initialised in the parent); CI has no GPU, so
+    the CPU route runs with spawn here: the source is pickled into fresh interpreters and must give the
+    fork route's batches bit for bit (dali: the encoded-bytes source NVDEC gets on the GPU route)."""
+    data = cfg(dataset, cpu_decoder=decoder, seed=2, num_workers=2)
+
+    def run(method: str) -> list[dict]:
+        loader = build_loader(data, "train", start_method=method)
+        assert loader.start_method == method
+        got = collect(loader)
+        loader.close()
+        return got
+
+    fork = run("fork")
+    assert len(fork) == 4 and same_batches(run("spawn"), fork)
+    # the workers really are fresh interpreters: a patch in this process reaches forked workers only
+    reader = {"dali": "trim", "pyav": "decode_frames"}[decoder]
+
+    def broken(*args, **kw):
+        raise OSError("patched in the parent process")
+
+    monkeypatch.setattr(f"dali_pipes.source.{reader}", broken)
+    assert same_batches(run("spawn"), fork)
+    with pytest.raises(ClipLoadError, match="patched in the parent"):
+        run("fork")
+    assert build_loader(data, "train").start_method == "fork"  # the CPU route's default
+    with pytest.raises(ValueError, match="start_method"):
+        build_loader(data, "train", start_method="forkserver")
+    with pytest.raises(ValueError, match="must be spawned"):
+        build_loader(cfg(dataset, device="gpu"), "train", device_id=0, start_method="fork")
+
+
 def test_frame_folders(tmp_path, ffmpeg_available):
     lines = []
     for v in range(3):
