@@ -6,8 +6,9 @@
 # $OUT/gpu_check/summary.json (scripts/gpu_check_report.py table), and exits 1 when a step failed.
 #
 # Steps (id: what; limit in seconds on the GPU):
-#   probe (20)            the GPU kit's .gpu_carry/bin/probe.sh when it is carried (GPU, driver, libnvcuvid,
-#                         NVDEC caps and minimum sizes), else the Python / torch / DALI / PyAV versions
+#   probe (20; 30 w. kit) the GPU kit's .gpu_carry/bin/probe.sh when it is carried (GPU, driver, libnvcuvid,
+#                         NVDEC caps and minimum sizes), then the Python / torch / DALI / PyAV versions and
+#                         the project's missing Python modules (gpu_check_report.py probe)
 #   clips-h264_16 (40)    benchmark clips: 10 s, 426x320, H.264 with 3 B-frames, GOP 16 (256 clips) and
 #   clips-h264_250 (25)   GOP 250 (128 clips); scripts/make_bench_clips.py, kept between runs (CLIPS=dir)
 #   tests (60)            pytest -m gpu (skipped when PY is the kit's skip_pytest.sh: the kit's run.sh ran
@@ -126,8 +127,9 @@ if command -v nvidia-smi > /dev/null; then  # which fields this driver's nvidia-
   timeout 10 nvidia-smi --help-query-gpu > "$ROOT/nvsmi_fields.txt" 2>&1
 fi
 
-if [ "$DEVICE" = gpu ] && [ -f .gpu_carry/bin/probe.sh ]; then
-  run_step probe 20 "the GPU kit's probe.sh" bash .gpu_carry/bin/probe.sh
+if [ "$DEVICE" = gpu ] && [ -f .gpu_carry/bin/probe.sh ]; then  # the kit's probe, then the project's
+  run_step probe 30 "" bash -c 'bash .gpu_carry/bin/probe.sh; kit=$?; "$0" scripts/gpu_check_report.py probe
+    own=$?; exit $((kit ? kit : own))' "$PY"
 else
   run_step probe 20 "" "$PY" scripts/gpu_check_report.py probe
 fi
