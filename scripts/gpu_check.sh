@@ -101,7 +101,7 @@ run_step() {
     hang) set -- sleep 600; limit=2; note="forced hang (GPU_CHECK_FAKE)" ;;
   esac
   start=$(date +%s.%N)
-  timeout -k 10 "$limit" "$@" 2>&1 | tee "$ROOT/logs/$id.log"
+  timeout -k 5 "$limit" "$@" 2>&1 | tee "$ROOT/logs/$id.log"
   rc=${PIPESTATUS[0]}
   record "$id" "$rc" "$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')" "$limit" "$note"
   [ "$rc" = 0 ] || FAILED=1
@@ -180,7 +180,7 @@ run_step synthetic 25 "" "$PY" scripts/gpu_check_report.py synthetic "$ROOT/synt
 STEP_FILES=""
 
 echo "== [$(( $(date +%s) - T0 )) s] summary"
-if ! timeout 60 "$PY" scripts/gpu_check_report.py table "$ROOT" --device "$DEVICE" --budget "$BUDGET"; then
+if ! timeout 30 "$PY" scripts/gpu_check_report.py table "$ROOT" --device "$DEVICE" --budget "$BUDGET"; then
   # the report itself failed (no Python?): the steps as they are, and a summary.json that says so
   echo "gpu_check_report.py table failed: the steps as recorded (step, rc, seconds, limit, note):"
   column -t -s $'\t' "$ROOT/steps.tsv" 2> /dev/null || cat "$ROOT/steps.tsv"

@@ -98,3 +98,25 @@ def test_table_and_summary_come_even_when_everything_fails(tmp_path):
     assert summary["report_error"] and [s["rc"] for s in summary["steps"]] == [1] * 7
     assert [s["step"] for s in summary["steps"]][:3] == ["probe", "clips-vp9_16", "tests"]
     assert "table failed: the steps as recorded" in run.stdout
+
+
+def test_nvdec_utilisation_in_the_timed_window(tmp_path):
+    """Samples are averaged over the step and over the profiler's timed window (local-time stamps as
+    nvidia-smi prints them); unparsable output becomes a reason, not a number."""
+    import importlib.util
+    from datetime import datetime
+
+    spec = importlib.util.spec_from_file_location("report", ROOT / "scripts" / "gpu_check_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    t0 = 1_800_000_000.0
+    lines = [f"{datetime.fromtimestamp(t0 + 0.2 * k).strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]}, {v}"
+             for k, v in enumerate([0, 0, 90, 80, 70, 0])]  # fmt: skip
+    samples = tmp_path / "nvdec.txt"
+    samples.write_text("\n".join(lines) + "\n")
+    util = report.nvdec_utilisation(samples, (t0 + 0.3, t0 + 0.9))
+    assert util["samples"] == 6 and util["mean"] == 40 and util["max"] == 90
+    assert util["window_samples"] == 3 and util["window_mean"] == 80 and util["window_max"] == 90
+    samples.write_text('Field "utilization.decoder" is not a valid field to query.\n')
+    assert "no utilization.decoder numbers" in report.nvdec_utilisation(samples, None)["why"]
+    assert "no nvidia-smi" in report.nvdec_utilisation(tmp_path / "absent.txt", None)["why"]
