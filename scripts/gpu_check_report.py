@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import re
 import sys
@@ -52,14 +53,17 @@ def probe() -> int:
         except Exception as e:  # a broken install raises more than ImportError
             print(f"{name}: NOT importable ({type(e).__name__}: {e})")
             rc = 2
-    missing = []
-    for name in ("numpy", "yaml", "rich", "pandas", "matplotlib", "pytest"):
-        try:
-            importlib.import_module(name)
-        except Exception:
-            missing.append(name)
+    # found, not imported (cheap): an import error of these shows in the step that needs them
+    missing = [n for n in ("numpy", "yaml", "rich", "pandas", "matplotlib", "pytest") if not _findable(n)]
     print("project modules missing: " + (", ".join(missing) if missing else "none"))
     return rc
+
+
+def _findable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _version(module) -> str:

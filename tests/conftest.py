@@ -3,12 +3,16 @@
 Clip sizes, the rule: a clip that a `gpu`-marked test decodes on NVDEC is at least NVDEC_MIN (160x144),
 made by `clip_size("gpu")`; NVDEC refuses smaller videos when it creates the decoder ("Video is too
 small in at least one dimension"; its minimum is believed to be about 128x128 for VP9/HEVC, 48x16 for
-H.264), so a smaller GPU test clip fails on size, not on a bug. The CPU twins of those tests (same body,
-`data.device: cpu`, run in CI) use `clip_size("cpu")` (64x48) to keep CI fast.
+H.264), so a smaller GPU test clip fails on size, not on a bug. The GPU kit's probe prints the real
+minima (`NVDEC <codec> ... min=WxH`); should one exceed 160x144, VIDREC_NVDEC_MIN=WxH raises the size
+(it never lowers it). The CPU twins of those tests (same body, `data.device: cpu`, run in CI) use
+`clip_size("cpu")` (64x48) to keep CI fast.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,7 +26,16 @@ CPU_TWIN = (64, 48)  # the CPU twins' clips: small, CI time
 
 def clip_size(device: str) -> tuple[int, int]:
     """(width, height) of a test clip decoded on `device` (gpu | cpu): see the module docstring's rule."""
-    return NVDEC_MIN if device == "gpu" else CPU_TWIN
+    if device != "gpu":
+        return CPU_TWIN
+    probed = os.environ.get("VIDREC_NVDEC_MIN", "")
+    if not probed:
+        return NVDEC_MIN
+    found = re.fullmatch(r"(\d+)x(\d+)", probed)
+    if not found:
+        raise ValueError(f"VIDREC_NVDEC_MIN={probed!r}: expected WxH, e.g. 176x144")
+    even = [int(v) + int(v) % 2 for v in found.groups()]  # 4:2:0 needs even sides
+    return max(NVDEC_MIN[0], even[0]), max(NVDEC_MIN[1], even[1])
 
 
 def frame_content(index: int, width: int, height: int, seed: int = 0) -> np.ndarray:
