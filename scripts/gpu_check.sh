@@ -11,13 +11,14 @@
 #                         the project's missing Python modules (gpu_check_report.py probe)
 #   clips-h264_16 (40)    benchmark clips: 10 s, 426x320, H.264 with 3 B-frames, GOP 16 (256 clips) and
 #   clips-h264_250 (25)   GOP 250 (128 clips); scripts/make_bench_clips.py, kept between runs (CLIPS=dir)
-#   tests (60)            pytest -m gpu (skipped when PY is the kit's skip_pytest.sh: the kit's run.sh ran
-#                         the gpu tests before this script, into its pytest_gpu.log)
 #   prof-SET-trim-on/off  the profiler, --data.device=gpu, batch 32, TSN 8x224, 96 timed batches, data.trim
 #   (25 each)             on and off, while nvidia-smi samples NVDEC utilisation every 200 ms
 #   train (60)            one epoch of TSM-R50 8x224, bf16, channels-last (configs/tsm_k400.yaml, no
 #                         pretrained weights) on the GOP 16 clips, GPU memory sampled by nvidia-smi
 #   synthetic (25)        the same model's step rate on one fixed random batch (the "vs synthetic" reference)
+#   tests (90)            pytest -m gpu, last so that no test run delays or starves the figures (capped by
+#                         the budget left; skipped when PY is the kit's skip_pytest.sh: the kit's run.sh
+#                         ran the gpu tests before this script, into its pytest_gpu.log)
 # Everything lands in $OUT/gpu_check: summary.json, steps.tsv, logs/<step>.log, prof_*.json, nvdec_*.txt,
 # nvsmi_fields.txt, train/metrics.jsonl, gpu_mem_mib.txt, synthetic.json.
 #
@@ -140,13 +141,6 @@ for k in "${!SETS[@]}"; do
     --codec "$codec" --gop "$gop" --num "${NUM[$k]}" --size "$SIZE" --seconds "$SECONDS_"
 done
 
-if [ "$(basename "$PY")" = skip_pytest.sh ]; then
-  echo "== tests: skipped (the GPU kit's run.sh ran pytest -m gpu before this script: its pytest_gpu.log)"
-  record tests skipped 0 0 "run by the GPU kit's run.sh before this script (its pytest_gpu.log)"
-else
-  run_step tests 60 "" "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -rfEs
-fi
-
 COMMON=(--data.device="$DEVICE" --data.batch_size="$BATCH" --data.input_size="$INPUT" --data.scale_size="$SCALE"
         --data.num_segments=8 --model.num_segments=8)
 for spec in "${SETS[@]}"; do
@@ -178,6 +172,14 @@ STEP_FILES="synthetic.json"
 run_step synthetic 25 "" "$PY" scripts/gpu_check_report.py synthetic "$ROOT/synthetic.json" configs/tsm_k400.yaml \
   "${COMMON[@]}" "${TRAIN[@]}" "${TRAIN_DATA[@]}" "$@"
 STEP_FILES=""
+
+# last: the figures above cannot wait behind (or be starved by) a slow test run
+if [ "$(basename "$PY")" = skip_pytest.sh ]; then
+  echo "== tests: skipped (the GPU kit's run.sh ran pytest -m gpu before this script: its pytest_gpu.log)"
+  record tests skipped 0 0 "run by the GPU kit's run.sh before this script (its pytest_gpu.log)"
+else
+  run_step tests 90 "" "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -rfEs
+fi
 
 echo "== [$(( $(date +%s) - T0 )) s] summary"
 if ! timeout 30 "$PY" scripts/gpu_check_report.py table "$ROOT" --device "$DEVICE" --budget "$BUDGET"; then
