@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,12 +61,16 @@ from engine.plot import save_run_curves
 from engine.preemption import StopRequest
 from engine.preflight import (
     PreflightError,
+    check_free_space,
     check_labels,
     check_writable_dir,
+    checkpoint_bytes,
     class_count_warning,
+    meta_model,
     remove_stale_checkpoint_temps,
 )
 from engine.progress import log_console
+from engine.runlock import RunLock
 from engine.scoring import evaluate_model
 from engine.step import NonFiniteLossError, TrainStep, all_finite
 
@@ -114,8 +119,14 @@ def train(cfg: Config, resume: str = "") -> dict:
     out_dir = Path(cfg.train.out_dir)
     console = log_console(stderr=True, quiet=not info.is_main)  # log files: no 80-column cut
     ckpt_path = resolve_resume(resume, out_dir)
-    preflight(cfg, info, console)
+    with preflight(cfg, info, console):  # rank 0 holds out_dir's lock (engine.runlock) until the end
+        return run_training(cfg, info, out_dir, console, ckpt_path)
 
+
+def run_training(
+    cfg: Config, info: DistInfo, out_dir: Path, console: Console, ckpt_path: Path | None
+) -> dict:
+    """`train` after the preflight checks: build everything, resume, run the epochs."""
     # data: one loader per rank (imported late: `--print-config` works without DALI)
     from dali_pipes.loader import build_loader
 
@@ -274,14 +285,16 @@ def setup_process(cfg: Config) -> DistInfo:
     return info
 
 
-def preflight(cfg: Config, info: DistInfo, console: Console) -> None:
+def preflight(cfg: Config, info: DistInfo, console: Console) -> AbstractContextManager:
     """Before any heavy work, on rank 0: list labels within model.num_classes (a warning when the training
-    list's class count differs from it), train.out_dir writable, temp files of interrupted checkpoint
-    writes removed. Every rank stops on rank 0's finding (no rank is left waiting in a collective for a
-    peer that quit)."""
+    list's class count differs from it), train.out_dir writable and locked (one trainer per run
+    directory), temp files of interrupted checkpoint writes removed, room for one checkpoint. Every rank
+    stops on rank 0's finding (no rank is left waiting in a collective for a peer that quit). Returns
+    the held lock (rank 0) to release when the run ends."""
     from dali_pipes.listfile import read_list
 
     error = note = ""
+    lock: AbstractContextManager = nullcontext()
     if info.is_main:
         try:
             lists = [cfg.data.train_list] + ([cfg.data.val_list] if cfg.train.eval_every > 0 else [])
@@ -292,15 +305,24 @@ def preflight(cfg: Config, info: DistInfo, console: Console) -> None:
                     if path == cfg.data.train_list:  # the list the fc learns from: does its class count fit?
                         note = class_count_warning(entries, cfg.model.num_classes, path, cfg.data.root)
             out_dir = check_writable_dir(cfg.train.out_dir)
+            lock = RunLock(out_dir, console.print)
+            lock.acquire()
             for stale in remove_stale_checkpoint_temps(out_dir):
                 console.print(f"removed {stale.name} (temp file of an interrupted checkpoint write)")
+            from models import build_model
+
+            net = meta_model(lambda: build_model(dataclasses.replace(cfg.model, pretrained="")))
+            need = checkpoint_bytes(net, cfg.optim.name, cfg.optim.momentum, cfg.train.ema > 0)
+            check_free_space(out_dir, need)
         except ValueError as e:  # PreflightError, ListFileError
             error = str(e)
     errors = [e for e in all_gather_objects(error) if e]
     if errors:
+        lock.__exit__(None, None, None)  # (released: no run follows)
         raise PreflightError(errors[0])
     if note:
         console.print(f"warning: {note}", style="yellow", markup=False)
+    return lock
 
 
 def resolve_resume(resume: str, out_dir: Path) -> Path | None:

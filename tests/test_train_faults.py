@@ -272,8 +272,10 @@ def test_too_little_free_space_refuses_before_writing(monkeypatch, tmp_path):
     real = engine.checkpoint.shutil.disk_usage
     monkeypatch.setattr(engine.checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
     path = tmp_path / "ckpt_e0001_s000000001.pt"
-    with pytest.raises(CheckpointError, match=r"disk full: .*ckpt_e0001_s000000001\.pt needs about 1 MiB"):
+    needs = r"disk full: .*ckpt_e0001_s000000001\.pt needs about 1 MiB"
+    with pytest.raises(CheckpointError, match=needs) as e:
         save_checkpoint(path, _state())
+    assert "(no earlier checkpoint)" in str(e.value) and "is kept" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -288,8 +290,9 @@ def test_enospc_during_the_write_names_the_file(monkeypatch, tmp_path):
 
     monkeypatch.setattr(engine.fileio.tempfile, "mkstemp", full_temp)
     path = tmp_path / "ckpt_e0002_s000000002.pt"
-    with pytest.raises(CheckpointError, match=r"disk full while writing .*ckpt_e0002_s000000002\.pt"):
+    with pytest.raises(CheckpointError, match=r"disk full while writing .*ckpt_e0002_s000000002\.pt") as e:
         save_checkpoint(path, _state())
+    assert "the previous checkpoint ckpt_e0001_s000000001.pt is kept" in str(e.value)
     assert not path.exists() and latest_checkpoint(tmp_path).name == "ckpt_e0001_s000000001.pt"
 
 
@@ -418,3 +421,106 @@ def test_clip_source_arms_workers_only(monkeypatch):
     with pytest.raises(StopIteration):
         src(Info())
     assert calls == [os.getpid() + 1]
+
+
+# ---- one writer per run directory; an empty out_dir; free space at the start ---------------------------
+
+LOCK_HOLDER = textwrap.dedent("""
+    import sys, time
+    from engine.runlock import RunLock
+    with RunLock(sys.argv[1]):
+        print("held", flush=True)
+        time.sleep(60)
+""")
+
+
+def test_second_trainer_in_a_held_run_dir_is_one_line_naming_the_holder(monkeypatch, tmp_path, capsys):
+    """A trainer (here: a process holding the lock) owns out_dir; a second `--resume auto` there stops
+    before it builds or writes anything, naming the holder's pid and host."""
+    import socket
+
+    _no_loader(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert train.main([_write_config(tmp_path), "--resume", "auto"]) == 2
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    line = _one_error_line(capsys.readouterr().err)
+    host = socket.gethostname()
+    assert f"train.out_dir: {run} is in use by another trainer (pid {holder.pid} on host {host}" in line
+    assert sorted(p.name for p in run.iterdir()) == ["train.lock"]  # no config.yaml, metrics, checkpoint
+
+
+def test_stale_lock_of_a_dead_trainer_is_taken_over_with_one_line(monkeypatch, tmp_path, capsys):
+    """A lock file left by a SIGKILLed trainer (its text, no lock held): the next start takes it over
+    and says so; a clean end empties the file, so a following start says nothing about it."""
+    import json
+    import socket
+
+    _route_loader(monkeypatch, MemoryLoader)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = {"pid": dead.pid, "host": socket.gethostname(), "started": "yesterday", "command": "train.py x"}
+    (run / "train.lock").write_text(json.dumps(holder))
+    cfg = _write_config(tmp_path, **{"train.epochs": 1, "train.eval_every": 0})
+    assert train.main([cfg]) == 0
+    err = capsys.readouterr().err
+    took = [ln for ln in err.splitlines() if "stale lock" in ln]
+    assert len(took) == 1 and f"pid {dead.pid}" in took[0] and "not running" in took[0], err
+    assert (run / "train.lock").read_text() == ""  # released at the end
+    assert train.main([cfg, "--resume", "auto"]) == 0  # the same process takes it again: released for real
+    assert "stale lock" not in capsys.readouterr().err
+
+
+def test_run_lock_is_released_for_forked_children_too(tmp_path):
+    """Forked loader workers share the lock's open file: release() must unlock it, not only close it."""
+    from engine.runlock import RunDirBusyError, RunLock
+
+    lock = RunLock(tmp_path).__enter__()
+    child = os.fork()
+    if child == 0:  # holds a copy of the fd, like a DALI worker
+        time.sleep(5)
+        os._exit(0)
+    try:
+        with pytest.raises(RunDirBusyError, match=f"pid {os.getpid()}"):
+            RunLock(tmp_path).acquire()
+        lock.release()
+        with RunLock(tmp_path):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_out_dir_is_refused_naming_the_key(monkeypatch, tmp_path, capsys, value):
+    _no_loader(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert train.main([_write_config(tmp_path), f"--train.out_dir={value}"]) == 2
+    assert "train.out_dir: empty" in _one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
+
+
+def test_too_little_space_for_one_checkpoint_is_found_at_the_start(monkeypatch, tmp_path, capsys):
+    """The estimate (model + SGD momentum, from a meta-device model) against the free space, before any
+    loader is built: not at the first checkpoint an epoch later."""
+    import engine.preflight
+
+    _no_loader(monkeypatch)
+    real = engine.preflight.shutil.disk_usage
+    monkeypatch.setattr(engine.preflight.shutil, "disk_usage", lambda p: real(p)._replace(free=3 << 20))
+    assert train.main([_write_config(tmp_path)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    run = tmp_path / "run"
+    assert f"train.out_dir: {run} has 3 MiB free, one checkpoint needs about" in line
+    need = int(line.split("needs about ")[1].split(" MiB")[0])
+    assert need > 3
+    assert not (run / "metrics.jsonl").exists() and latest_checkpoint(run) is None
