@@ -58,7 +58,7 @@ from engine.fileio import atomic_write_text
 from engine.metrics_log import LogWindow, MetricsLog, provenance
 from engine.optim import ModelEMA, build_optimizer, build_scheduler, scaled_lr
 from engine.plot import save_run_curves
-from engine.preemption import StopRequest
+from engine.preemption import StopRequest, exit_on_signals, restore_signals
 from engine.preflight import (
     PreflightError,
     check_free_space,
@@ -181,8 +181,8 @@ def run_training(
 
 
 def train_epoch(run: Run, epoch: int, first: int, data_state: dict | None) -> bool:
-    """Batches `first`.. of one epoch; True when train.stop_at_step or a stop signal (SIGTERM) stopped it
-    (a checkpoint was written)."""
+    """Batches `first`.. of one epoch; True when train.stop_at_step or a stop signal (SIGTERM, SIGINT)
+    stopped it (a checkpoint was written)."""
     cfg, loader, stepper, progress = run.cfg, run.train_loader, run.stepper, run.progress
     accum = cfg.train.accum_steps
     run.epoch = epoch
@@ -521,16 +521,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default="", help="auto (newest checkpoint in train.out_dir) or a path")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(rest)
-    # SIGTERM during setup unwinds like Ctrl-C (the loaders' workers are shut down); during the epochs
-    # train()'s StopRequest takes over: a checkpoint at the next step on every rank, then rc 0
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM / SIGINT during setup exit with one line (the loaders' workers are shut down); during the
+    # epochs train()'s StopRequest takes over: a checkpoint at the next step on every rank, then rc 0
+    # (SIGTERM: a scheduler's preemption) or 130 (SIGINT: Ctrl-C, so a `train && evaluate` chain stops)
+    previous = exit_on_signals()
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        train(cfg, args.resume)
-        return 0
+        summary = train(cfg, args.resume)
+        return 128 + signal.SIGINT if summary["stopped_by"] == "SIGINT" else 0
     except USER_ERRORS as e:
         # rank 0's preflight finding stops every rank: one of them says it
         if not (isinstance(e, PreflightError) and os.environ.get("RANK", "0") != "0"):
@@ -541,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        signal.signal(signal.SIGTERM, previous)  # not while the interpreter exits (DALI's atexit)
+        restore_signals(previous)  # not while the interpreter exits (DALI's atexit)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import train
 from dali_pipes.source import ClipLoadError
 from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.config import dump_yaml
-from engine.preemption import StopRequest
 from engine.preflight import STALE_CKPT_TMP, remove_stale_checkpoint_temps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,37 +196,45 @@ def test_evaluate_bad_label_and_bad_sample_are_one_line_rc2(monkeypatch, tmp_pat
 
 
 class SignalLoader(MemoryLoader):
-    """Sends this process SIGTERM while yielding batch (epoch, position) of `term_at` (the first time)."""
+    """Sends this process `sig` while yielding batch (epoch, position) of `term_at` (the first time)."""
 
-    def __init__(self, *a, term_at: tuple[int, int], **kw):
+    def __init__(self, *a, term_at: tuple[int, int], sig: int = signal.SIGTERM, **kw):
         super().__init__(*a, **kw)
-        self.term_at = term_at
+        self.term_at, self.sig = term_at, sig
 
     def __iter__(self):
         for batch in super().__iter__():
             if self.mode == "train" and (self.epoch, self.position - 1) == self.term_at:
                 self.term_at = (-1, -1)
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), self.sig)
             yield batch
 
 
-@pytest.mark.parametrize("term_at", [(1, 1), (0, 3)])  # mid-epoch 2; the last batch of epoch 1
-def test_sigterm_checkpoints_at_the_next_step_and_resumes_bitwise(monkeypatch, tmp_path, capsys, term_at):
+@pytest.mark.parametrize(
+    "term_at, sig",  # mid-epoch 2; the last batch of epoch 1; Ctrl-C (SIGINT) mid-epoch 2
+    [((1, 1), signal.SIGTERM), ((0, 3), signal.SIGTERM), ((1, 1), signal.SIGINT)],
+)
+def test_stop_signal_checkpoints_at_the_next_step_and_resumes_bitwise(monkeypatch, tmp_path, capsys, term_at,
+                                                                     sig):
+    """SIGTERM (rc 0: a scheduler's preemption) and SIGINT (rc 130: Ctrl-C, no KeyboardInterrupt traceback)
+    both checkpoint at the next step; the resumed run ends bitwise where an uninterrupted one does."""
     common = {"train.amp": "fp32", "train.ema": 0.9, "train.epochs": 3, "model.dropout": 0.5}
     _route_loader(monkeypatch, MemoryLoader)
     full = train.train(tiny_config(tmp_path / "a", **common))
-    _route_loader(monkeypatch, SignalLoader, term_at=term_at)
+    _route_loader(monkeypatch, SignalLoader, term_at=term_at, sig=sig)
     cfg_b = _write_config(tmp_path / "b", **common)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        assert train.main([cfg_b]) == 0
-        handler = signal.getsignal(signal.SIGTERM)
-        assert not isinstance(getattr(handler, "__self__", None), StopRequest), "the run's handler stayed"
+        assert train.main([cfg_b]) == (130 if sig == signal.SIGINT else 0)
+        for s, handler in previous.items():
+            assert signal.getsignal(s) is handler, "the run's handlers stayed"
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     err = capsys.readouterr().err
     step = 4 * term_at[0] + term_at[1] + 1  # the step whose batch was in flight when the signal came
-    assert f"stopped by SIGTERM at step {step}" in err and "Traceback" not in err
+    assert f"stopped by {signal.Signals(sig).name} at step {step}" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
     ckpt = latest_checkpoint(tmp_path / "b" / "run")
     state = load_checkpoint(ckpt)
     assert state["step"] == step and (state["epoch"], state["batch_in_epoch"]) == (term_at[0], term_at[1] + 1)
@@ -405,7 +412,7 @@ def test_clip_source_arms_workers_only(monkeypatch):
     import dali_pipes.source as source
 
     calls = []
-    monkeypatch.setattr(source, "die_with_parent", lambda pid: calls.append(pid))
+    monkeypatch.setattr(source, "die_with_parent", lambda pid, ignore_sigint: calls.append(pid))
     src = source.ClipSource.__new__(source.ClipSource)
     src.owner_pid, src.base_epoch, src.start_batch, src.batch, src.kind = os.getpid(), 0, 0, 1, "pyav"
     src._orders = {0: []}
