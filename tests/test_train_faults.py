@@ -531,3 +531,95 @@ def test_too_little_space_for_one_checkpoint_is_found_at_the_start(monkeypatch, 
     need = int(line.split("needs about ")[1].split(" MiB")[0])
     assert need > 3
     assert not (run / "metrics.jsonl").exists() and latest_checkpoint(run) is None
+
+
+# ---- no process outlives the command that started it ------------------------------------------------
+
+
+def _marked_processes(mark: str) -> list[tuple[int, str]]:
+    """(pid, cmdline) of the live processes whose environment holds `mark` (every descendant of a process
+    started with it inherits it: pool children, DALI workers, multiprocessing's resource tracker)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if mark.encode() in (d / "environ").read_bytes() and _running(int(d.name)):
+                found.append((int(d.name), (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return found
+
+
+def test_sigkilled_demo_leaves_no_process_behind(tmp_path):
+    """`python -m demo` SIGKILLed mid-training (a time limit running out): its two spawned training
+    processes, their DALI workers and multiprocessing's resource tracker all end with it. (Without
+    engine.lifetime.pool_options in demo.py the two trainings and the tracker survive it: checked.)"""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("the demo trains in a process pool only with 2 or more cores")
+    data = tmp_path / "data"
+    synth = [sys.executable, "-m", "prep.synth", str(data), "--per-class", "2", "--val-per-class", "1",
+             "--frames", "8", "--size", "32", "--quiet"]  # fmt: skip
+    subprocess.run(synth, cwd=REPO, check=True, timeout=120)
+    tag = f"{os.getpid()}_{time.monotonic_ns()}"
+    mark = f"VIDREC_TEST_MARK={tag}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VIDREC_TEST_MARK": tag, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "demo", "--data", str(data), "--out", str(tmp_path / "runs"), "--epochs",
+           "50"]  # fmt: skip
+    demo = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    seen: list[tuple[int, str]] = []
+    try:
+        deadline = time.monotonic() + 240
+        for line in demo.stderr:  # wait until both trainings have made a step
+            if "] step " in line:
+                seen = _marked_processes(mark)
+                if sum("spawn_main" in c for _, c in seen) >= 2:
+                    break
+            assert time.monotonic() < deadline, "the demo did not start training in time"
+        assert any("resource_tracker" in c for _, c in seen), seen  # the helpers the test is about exist
+        demo.send_signal(signal.SIGKILL)
+        demo.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _marked_processes(mark) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _marked_processes(mark)
+        assert left == [], f"processes outlived the SIGKILLed demo (of {len(seen)} it had): {left}"
+    finally:
+        demo.kill()
+        for pid, _ in _marked_processes(mark):
+            os.kill(pid, signal.SIGKILL)
+
+
+POOL_PARENT = textwrap.dedent("""
+    import time
+    from prep.common import parallel_map
+    print("mapping", flush=True)
+    for _ in parallel_map(time.sleep, [60] * 4, jobs=2, description="sleep", quiet=True):
+        pass
+""")
+
+
+def test_sigkilled_prep_tool_leaves_no_pool_worker_behind():
+    """prep's parallel_map (resize, lists, validate, packet index): its process pool dies with the tool."""
+    tag = f"{os.getpid()}_{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VIDREC_TEST_MARK": tag}
+    proc = subprocess.Popen([sys.executable, "-c", POOL_PARENT], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    mark = f"VIDREC_TEST_MARK={tag}"
+    try:
+        assert proc.stdout.readline().strip() == "mapping"
+        deadline = time.monotonic() + 30
+        while len(_marked_processes(mark)) < 3 and time.monotonic() < deadline:  # the tool + 2 workers
+            time.sleep(0.1)
+        assert len(_marked_processes(mark)) >= 3
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _marked_processes(mark) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _marked_processes(mark) == [], "pool workers outlived the SIGKILLed tool"
+    finally:
+        proc.kill()
+        for pid, _ in _marked_processes(mark):
+            os.kill(pid, signal.SIGKILL)
