@@ -140,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_root = args.out or Path("runs/demo") / time.strftime("%Y%m%d-%H%M%S")
     overrides = [f"train.epochs={args.epochs}"] if args.epochs else []
-    results = run_demo(args.data, out_root, overrides)
+    try:
+        results = run_demo(args.data, out_root, overrides)
+    except KeyboardInterrupt:  # the trainings got the Ctrl-C too: each stopped at its next step
+        print(f"interrupted: the trainings stopped with a checkpoint each in {out_root}", file=sys.stderr)
+        return 130
     n = len(reverse_pairs(args.data / "classes.txt"))
     print()
     print(f"Learning proof on {args.data} ({results[0]['videos']} validation clips, {n} reverse-twin pairs; "
