@@ -55,7 +55,7 @@ from engine.config import (
 )
 from engine.distributed import DistInfo, all_gather_objects, exit_on_peer_failure, init_distributed
 from engine.fileio import atomic_write_text
-from engine.metrics_log import LogWindow, MetricsLog, provenance
+from engine.metrics_log import LogWindow, MetricsLog, MetricsLogError, provenance
 from engine.optim import ModelEMA, build_optimizer, build_scheduler, scaled_lr
 from engine.plot import save_run_curves
 from engine.preemption import StopRequest, exit_on_signals, restore_signals
@@ -81,8 +81,12 @@ class RunDirError(RuntimeError):
 
 # Errors whose message is the whole story (config key, file, list line, step): one line, no traceback.
 # ConfigError, PretrainedMismatchError, PreflightError and list errors are ValueErrors; ClipLoadError
-# (a bad sample with data.skip_bad off) is the loader's RuntimeError naming the list line and file.
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, RunDirError, NonFiniteLossError, ClipLoadError)
+# (a bad sample with data.skip_bad off) is the loader's RuntimeError naming the list line and file;
+# MetricsLogError is a full disk under metrics.jsonl.
+USER_ERRORS = (
+    ValueError, FileNotFoundError, CheckpointError, RunDirError, NonFiniteLossError, ClipLoadError,
+    MetricsLogError,
+)  # fmt: skip
 
 
 @dataclass

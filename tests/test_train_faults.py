@@ -623,3 +623,62 @@ def test_sigkilled_prep_tool_leaves_no_pool_worker_behind():
         proc.kill()
         for pid, _ in _marked_processes(mark):
             os.kill(pid, signal.SIGKILL)
+
+
+# ---- metrics.jsonl: never torn -------------------------------------------------------------------------
+
+
+def _records(path: Path) -> list[dict]:
+    import json
+
+    text = path.read_text()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]  # every line whole
+
+
+def test_torn_metrics_line_is_removed_before_the_next_start_appends(monkeypatch, tmp_path, capsys):
+    """A metrics.jsonl ending in half a record (a run that died before its first checkpoint; a power
+    loss): the next start cuts it off, says so, and appends whole records after the last whole one."""
+    _route_loader(monkeypatch, MemoryLoader)
+    run = tmp_path / "run"
+    run.mkdir()
+    whole = '{"kind": "start", "step": 0}\n'
+    torn = '{"kind": "train", "step": 1, "lo'
+    (run / "metrics.jsonl").write_text(whole + torn)
+    assert train.main([_write_config(tmp_path, **{"train.epochs": 1, "train.eval_every": 0})]) == 0
+    assert f"metrics.jsonl: removed a torn last line ({len(torn)} bytes" in capsys.readouterr().err
+    records = _records(run / "metrics.jsonl")
+    assert records[0] == {"kind": "start", "step": 0} and records[1]["kind"] == "start"
+
+
+def test_enospc_while_writing_metrics_is_one_line_and_leaves_no_torn_record(monkeypatch, tmp_path, capsys):
+    """The disk fills during a metrics record: half of it reaches the file, then ENOSPC. The run stops
+    with one line naming the file (rc 2, no OSError traceback); the half record is cut off again."""
+    import errno
+
+    _route_loader(monkeypatch, MemoryLoader)
+    real_write, calls = os.write, []
+
+    def filling_write(fd: int, data) -> int:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl")
+        except OSError:
+            target = False
+        if not target:
+            return real_write(fd, data)
+        calls.append(len(data))
+        if len(calls) == 4:  # the 4th record: half written
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        if len(calls) > 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", filling_write)
+    assert train.main([_write_config(tmp_path, **{"train.eval_every": 0})]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in err and "OSError" not in err, err
+    line, path = errors[0], tmp_path / "run" / "metrics.jsonl"
+    assert f"disk full while writing {path}" in line and "is not written" in line
+    assert len(_records(path)) == 3  # the three whole records before it, nothing after
