@@ -37,6 +37,9 @@ PAD = -1  # order entry of a padding slot in evaluation (dropped by the loader)
 LEFT_OUT = -2  # id of a bad val/test sample with skip_bad (dropped and counted by the loader)
 
 
+_WARNED: set[tuple[str, str]] = set()  # (list line, split) already reported by this process
+
+
 class ClipLoadError(RuntimeError):
     """A listed sample that cannot be read; the message names the list line and the file."""
 
@@ -208,8 +211,10 @@ class ClipSource:
                 msg = f"{entry.where}: bad sample {entry.path}: {why}"
                 if not self.skip_bad:
                     raise ClipLoadError(msg) from None
-                if frame_k == 0:
-                    log.warning("%s (data.skip_bad: replaced)", msg)
+                if frame_k == 0 and (entry.where, self.split) not in _WARNED:  # once, not every epoch
+                    _WARNED.add((entry.where, self.split))
+                    done = "replaced by another sample" if self.split == "train" else "left out of the scores"
+                    log.warning("%s (data.skip_bad: %s, here and in later epochs)", msg, done)
                 continue
             # A padding slot (out_id PAD) is dropped anyway: its replacement is not counted.
             replaced = np.array(int(tried != sid and out_id != PAD), dtype=np.int32)

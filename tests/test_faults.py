@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import frame_content, write_clip
 from PIL import Image
 from test_prep_probe import write_audio_only, write_cut_copy, write_vfr_clip, write_zero_frame_clip
@@ -661,3 +662,38 @@ def test_lists_writes_each_file_once_per_list(tmp_path: Path) -> None:
     assert len(read_list(out / "train.txt")) == 1 and len(read_list(out / "val.txt")) == 1
     report = (out / "lists-report.tsv").read_text()
     assert "train.csv:2" in report and "annotated again in train (kept: " in report
+
+
+class _MeanNet(torch.nn.Module):
+    """Scores a view by its mean pixel (what is tested is which videos arrive). Like the real models it
+    cannot take a batch of 0 videos (reshape(0, -1) is ambiguous)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1).mean(1, keepdim=True) * self.weight
+
+
+def test_skip_bad_eval_left_out_sample_is_one_accurate_line(videos: Path, tmp_path: Path, caplog) -> None:
+    """A bad val sample under data.skip_bad, scored in 3 passes (validation every epoch) with a batch
+    holding only it: one warning naming its line, saying "left out" (not "replaced"), and the passes
+    score the good videos (an all-left-out batch is no longer a model call on 0 videos)."""
+    from engine.scoring import evaluate_model
+
+    listed = tmp_path / "val.txt"
+    listed.write_text(f"good.webm {FRAMES} 0\nempty.webm {FRAMES} 1\n")
+    loader = build_loader(data_cfg(listed, root=str(videos), skip_bad=True, batch_size=1), "val")
+    try:
+        with caplog.at_level("WARNING"):
+            for epoch in range(3):
+                loader.set_epoch(epoch)
+                result = evaluate_model(_MeanNet(2), loader, 2)
+                assert result.metrics["videos"] == 1 and result.ids.tolist() == [0]
+    finally:
+        loader.close()
+    lines = [r.getMessage() for r in caplog.records if "empty.webm" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{listed}:2: bad sample")
+    assert "left out" in lines[0] and "replaced" not in lines[0]
