@@ -551,16 +551,57 @@ def _marked_processes(mark: str) -> list[tuple[int, str]]:
     return found
 
 
-def test_sigkilled_demo_leaves_no_process_behind(tmp_path):
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> Path:
+    """prep.synth's smallest set: 16 train and 8 val clips of 8 frames, 32 px."""
+    data = tmp_path_factory.mktemp("synth") / "data"
+    synth = [sys.executable, "-m", "prep.synth", str(data), "--per-class", "2", "--val-per-class", "1",
+             "--frames", "8", "--size", "32", "--quiet"]  # fmt: skip
+    subprocess.run(synth, cwd=REPO, check=True, timeout=120)
+    return data
+
+
+@pytest.mark.slow  # 21 s on 2 busy cores
+def test_ctrl_c_in_a_terminal_checkpoints_and_exits_130_without_a_traceback(synth_data, tmp_path):
+    """Ctrl-C reaches the whole foreground process group: the trainer and its DALI worker. The worker
+    leaves the decision to the trainer, which checkpoints at the next step, says so in one line and
+    exits 130; nothing of the job is left running."""
+    tag = f"{os.getpid()}_{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VIDREC_TEST_MARK": tag, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "configs/demo.yaml", f"--data.train_list={synth_data / 'train.txt'}",
+           f"--data.val_list={synth_data / 'val.txt'}", f"--data.flip_pairs={synth_data / 'flip_pairs.txt'}",
+           "--data.batch_size=2", "--train.log_every=1", "--train.epochs=50",
+           f"--train.out_dir={out}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,  # its own group: a terminal's foreground job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("step 3 "):
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        lines += proc.stderr.readlines()
+        assert proc.wait(timeout=60) == 130, "".join(lines[-20:])
+    finally:
+        proc.kill()
+    err = "".join(lines)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    stopped = [ln for ln in lines if "stopped by SIGINT" in ln]
+    assert len(stopped) == 1 and "continue with --resume auto" in stopped[0], err[-3000:]
+    assert load_checkpoint(latest_checkpoint(out))["step"] >= 3
+    assert _marked_processes(f"VIDREC_TEST_MARK={tag}") == []
+
+
+def test_sigkilled_demo_leaves_no_process_behind(synth_data, tmp_path):
     """`python -m demo` SIGKILLed mid-training (a time limit running out): its two spawned training
     processes, their DALI workers and multiprocessing's resource tracker all end with it. (Without
     engine.lifetime.pool_options in demo.py the two trainings and the tracker survive it: checked.)"""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("the demo trains in a process pool only with 2 or more cores")
-    data = tmp_path / "data"
-    synth = [sys.executable, "-m", "prep.synth", str(data), "--per-class", "2", "--val-per-class", "1",
-             "--frames", "8", "--size", "32", "--quiet"]  # fmt: skip
-    subprocess.run(synth, cwd=REPO, check=True, timeout=120)
+    data = synth_data
     tag = f"{os.getpid()}_{time.monotonic_ns()}"
     mark = f"VIDREC_TEST_MARK={tag}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "VIDREC_TEST_MARK": tag, "OMP_NUM_THREADS": "1"}
