@@ -723,3 +723,33 @@ def test_enospc_while_writing_metrics_is_one_line_and_leaves_no_torn_record(monk
     line, path = errors[0], tmp_path / "run" / "metrics.jsonl"
     assert f"disk full while writing {path}" in line and "is not written" in line
     assert len(_records(path)) == 3  # the three whole records before it, nothing after
+
+
+def test_run_lock_without_flock_goes_by_the_pid_and_host(monkeypatch, tmp_path, capsys):
+    """A filesystem without flock (ENOLCK): a live pid on this host holds the directory, another host
+    holds it too (its pid cannot be checked from here), a dead pid on this host is taken over."""
+    import errno
+    import json
+    import socket
+
+    import engine.runlock
+    from engine.runlock import RunDirBusyError, RunLock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(engine.runlock.fcntl, "flock", no_flock)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = socket.gethostname()
+    for pid, host, busy in [(os.getppid(), here, True), (dead.pid, "node-17", True), (dead.pid, here, False)]:
+        holder = {"pid": pid, "host": host, "started": "t", "command": "c"}
+        (tmp_path / "train.lock").write_text(json.dumps(holder))
+        if busy:
+            with pytest.raises(RunDirBusyError, match=f"pid {pid} on host {host}"):
+                RunLock(tmp_path).acquire()
+        else:
+            with RunLock(tmp_path, say=print):
+                assert json.loads((tmp_path / "train.lock").read_text())["pid"] == os.getpid()
+            took = f"took over the stale lock {tmp_path / 'train.lock'} of pid {pid}"
+            assert took in capsys.readouterr().out
