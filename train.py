@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,18 +56,22 @@ from engine.config import (
 )
 from engine.distributed import DistInfo, all_gather_objects, exit_on_peer_failure, init_distributed
 from engine.fileio import atomic_write_text
-from engine.metrics_log import LogWindow, MetricsLog, provenance
+from engine.metrics_log import LogWindow, MetricsLog, MetricsLogError, provenance
 from engine.optim import ModelEMA, build_optimizer, build_scheduler, scaled_lr
 from engine.plot import save_run_curves
-from engine.preemption import StopRequest
+from engine.preemption import StopRequest, exit_on_signals, restore_signals
 from engine.preflight import (
     PreflightError,
+    check_free_space,
     check_labels,
     check_writable_dir,
+    checkpoint_bytes,
     class_count_warning,
+    meta_model,
     remove_stale_checkpoint_temps,
 )
 from engine.progress import log_console
+from engine.runlock import RunLock
 from engine.scoring import evaluate_model
 from engine.step import NonFiniteLossError, TrainStep, all_finite
 
@@ -77,8 +82,12 @@ class RunDirError(RuntimeError):
 
 # Errors whose message is the whole story (config key, file, list line, step): one line, no traceback.
 # ConfigError, PretrainedMismatchError, PreflightError and list errors are ValueErrors; ClipLoadError
-# (a bad sample with data.skip_bad off) is the loader's RuntimeError naming the list line and file.
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, RunDirError, NonFiniteLossError, ClipLoadError)
+# (a bad sample with data.skip_bad off) is the loader's RuntimeError naming the list line and file;
+# MetricsLogError is a full disk under metrics.jsonl.
+USER_ERRORS = (
+    ValueError, FileNotFoundError, CheckpointError, RunDirError, NonFiniteLossError, ClipLoadError,
+    MetricsLogError,
+)  # fmt: skip
 
 
 @dataclass
@@ -116,8 +125,14 @@ def train(cfg: Config, resume: str = "") -> dict:
     out_dir = Path(cfg.train.out_dir)
     console = log_console(stderr=True, quiet=not info.is_main)  # log files: no 80-column cut
     ckpt_path = resolve_resume(resume, out_dir)
-    preflight(cfg, info, console)
+    with preflight(cfg, info, console):  # rank 0 holds out_dir's lock (engine.runlock) until the end
+        return run_training(cfg, info, out_dir, console, ckpt_path)
 
+
+def run_training(
+    cfg: Config, info: DistInfo, out_dir: Path, console: Console, ckpt_path: Path | None
+) -> dict:
+    """`train` after the preflight checks: build everything, resume, run the epochs."""
     # data: one loader per rank (imported late: `--print-config` works without DALI)
     from dali_pipes.loader import build_loader
 
@@ -172,8 +187,8 @@ def train(cfg: Config, resume: str = "") -> dict:
 
 
 def train_epoch(run: Run, epoch: int, first: int, data_state: dict | None) -> bool:
-    """Batches `first`.. of one epoch; True when train.stop_at_step or a stop signal (SIGTERM) stopped it
-    (a checkpoint was written)."""
+    """Batches `first`.. of one epoch; True when train.stop_at_step or a stop signal (SIGTERM, SIGINT)
+    stopped it (a checkpoint was written)."""
     cfg, loader, stepper, progress = run.cfg, run.train_loader, run.stepper, run.progress
     accum = cfg.train.accum_steps
     run.epoch = epoch
@@ -276,14 +291,16 @@ def setup_process(cfg: Config) -> DistInfo:
     return info
 
 
-def preflight(cfg: Config, info: DistInfo, console: Console) -> None:
+def preflight(cfg: Config, info: DistInfo, console: Console) -> AbstractContextManager:
     """Before any heavy work, on rank 0: list labels within model.num_classes (a warning when the training
-    list's class count differs from it), train.out_dir writable, temp files of interrupted checkpoint
-    writes removed. Every rank stops on rank 0's finding (no rank is left waiting in a collective for a
-    peer that quit)."""
+    list's class count differs from it), train.out_dir writable and locked (one trainer per run
+    directory), temp files of interrupted checkpoint writes removed, room for one checkpoint. Every rank
+    stops on rank 0's finding (no rank is left waiting in a collective for a peer that quit). Returns
+    the held lock (rank 0) to release when the run ends."""
     from dali_pipes.listfile import read_list
 
     error = note = ""
+    lock: AbstractContextManager = nullcontext()
     if info.is_main:
         try:
             lists = [cfg.data.train_list] + ([cfg.data.val_list] if cfg.train.eval_every > 0 else [])
@@ -294,15 +311,24 @@ def preflight(cfg: Config, info: DistInfo, console: Console) -> None:
                     if path == cfg.data.train_list:  # the list the fc learns from: does its class count fit?
                         note = class_count_warning(entries, cfg.model.num_classes, path, cfg.data.root)
             out_dir = check_writable_dir(cfg.train.out_dir)
+            lock = RunLock(out_dir, console.print)
+            lock.acquire()
             for stale in remove_stale_checkpoint_temps(out_dir):
                 console.print(f"removed {stale.name} (temp file of an interrupted checkpoint write)")
+            from models import build_model
+
+            net = meta_model(lambda: build_model(dataclasses.replace(cfg.model, pretrained="")))
+            need = checkpoint_bytes(net, cfg.optim.name, cfg.optim.momentum, cfg.train.ema > 0)
+            check_free_space(out_dir, need)
         except ValueError as e:  # PreflightError, ListFileError
             error = str(e)
     errors = [e for e in all_gather_objects(error) if e]
     if errors:
+        lock.__exit__(None, None, None)  # (released: no run follows)
         raise PreflightError(errors[0])
     if note:
         console.print(f"warning: {note}", style="yellow", markup=False)
+    return lock
 
 
 def resolve_resume(resume: str, out_dir: Path) -> Path | None:
@@ -506,16 +532,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default="", help="auto (newest checkpoint in train.out_dir) or a path")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(rest)
-    # SIGTERM during setup unwinds like Ctrl-C (the loaders' workers are shut down); during the epochs
-    # train()'s StopRequest takes over: a checkpoint at the next step on every rank, then rc 0
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM / SIGINT during setup exit with one line (the loaders' workers are shut down); during the
+    # epochs train()'s StopRequest takes over: a checkpoint at the next step on every rank, then rc 0
+    # (SIGTERM: a scheduler's preemption) or 130 (SIGINT: Ctrl-C, so a `train && evaluate` chain stops)
+    previous = exit_on_signals()
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        train(cfg, args.resume)
-        return 0
+        summary = train(cfg, args.resume)
+        return 128 + signal.SIGINT if summary["stopped_by"] == "SIGINT" else 0
     except USER_ERRORS as e:
         # rank 0's preflight finding stops every rank: one of them says it
         if not (isinstance(e, PreflightError) and os.environ.get("RANK", "0") != "0"):
@@ -526,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        signal.signal(signal.SIGTERM, previous)  # not while the interpreter exits (DALI's atexit)
+        restore_signals(previous)  # not while the interpreter exits (DALI's atexit)
 
 
 if __name__ == "__main__":
