@@ -221,15 +221,14 @@ def _unpack_row(buf: bytes, pos: int, n: int) -> tuple[np.ndarray | int, int]:
     pos += ROW.size
     if width == 0:
         return base, pos
-    kind = "<u4" if width <= 4 else "<u8"
-    raw = np.ndarray((n,), kind, buf, pos, (width,))
-    if width not in (4, 8):
-        raw = raw & ((1 << (8 * width)) - 1)
-    values = raw.astype(np.int64)
-    if div != 1:
-        values *= div
-    if base:
-        values += base
+    if width in (1, 2, 4, 8):
+        raw = np.frombuffer(buf, f"<u{width}", n, pos)
+    else:  # 3, 5, 6, 7 bytes: one wider load per value (the record ends in PAD zero bytes), masked
+        raw = np.ndarray((n,), "<u4" if width < 4 else "<u8", buf, pos, (width,)) & ((1 << (8 * width)) - 1)
+    if div == 1:
+        return np.add(raw, base, dtype=np.int64, casting="unsafe"), pos + n * width
+    values = np.multiply(raw, div, dtype=np.int64, casting="unsafe")
+    values += base
     return values, pos + n * width
 
 
@@ -289,20 +288,24 @@ def _decode(rec: Record, path: str) -> VideoIndex:
     gaps, pos = _unpack_row(blob, pos, n - 1)
     packets = np.empty(n, PACKET)
     if n:
-        reorder = np.broadcast_to(np.asarray(reorder, np.int64), (n,))
-        size = np.broadcast_to(np.asarray(size, np.int64), (n,))
-        dts = np.empty(n, np.int64)
-        dts[0] = dts0
-        np.cumsum(np.broadcast_to(steps, (n - 1,)), out=dts[1:])
-        dts[1:] += dts0
+        if isinstance(steps, int):  # constant frame duration: the usual case
+            dts = np.arange(dts0, dts0 + n * steps, steps) if steps else np.full(n, dts0)
+        else:
+            dts = np.empty(n, np.int64)
+            dts[0] = 0
+            np.cumsum(steps, out=dts[1:])
+            dts += dts0
         packets["dts"] = dts
-        packets["pts"] = dts + (reorder >> 3) * c_div + c_base
+        packets["pts"] = dts + ((reorder >> 3) * c_div + c_base)
         packets["flags"] = reorder & 7
+        if isinstance(size, int):  # every packet the same size (a single packet, or raw video)
+            size = np.full(n, size, np.int64)
         packets["size"] = size
-        offsets = packets["offset"]
-        offsets[0] = offset0
+        offsets = np.empty(n, np.int64)
+        offsets[0] = 0
         np.cumsum(size[:-1] + gaps, out=offsets[1:])
-        offsets[1:] += offset0
+        offsets += offset0
+        packets["offset"] = offsets
     index = _assemble(packets, width, height, codec, (tb_num, tb_den), extradata, path)
     index.rotation = rotation
     return index
