@@ -185,3 +185,27 @@ def test_compact_command_line(tmp_path, ffmpeg_available, capsys):
     assert len(PacketIndex(index_file).reader().segments) == 1
     assert packet_index.main(["compact", str(tmp_path / "nothing.index")]) == 2
     assert "nothing.index: no such packet index" in capsys.readouterr().err
+
+
+def test_opening_creates_nothing_per_entry(tmp_path):
+    """20,000 entries: open allocates a few KB of Python memory (a dict of the keys alone would be MBs),
+    and any key is found."""
+    import tracemalloc
+
+    video = _video(_table(30, np.random.default_rng(0)))
+    keys = [f"train/c{i % 7}/{i:08d}.mp4" for i in range(20_000)]
+    records = sorted((packet_index.key_hash(k), _encode(k, (i, i), video)) for i, k in enumerate(keys))
+    index_file = tmp_path / "list.txt.index"
+    packet_index._write_new(index_file, records, (0, 0))
+    index = PacketIndex(index_file)
+    tracemalloc.start()
+    try:
+        assert index.reader() is not None
+        allocated = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert allocated < 32_000, allocated
+    for i in (0, 12_345, 19_999):
+        found = index.stored(str(tmp_path / keys[i]), (i, i))
+        assert found is not None and np.array_equal(found.packets, video.packets)
+    assert index.stored(str(tmp_path / "train/c0/missing.mp4"), (0, 0)) is None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dali_pipes.packet_index import PacketIndex, file_stamp, index_path_for
 from engine.checkpoint import latest_checkpoint, load_checkpoint
 from tests.test_train_faults_dist import REPO, _alive, _assert_same_weights, _children, _env
 
@@ -104,6 +105,12 @@ def uninterrupted(clips, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("full") / "run"
     codes = _wait(_start_nodes(clips, out), timeout=240)
     assert codes == [0, 0], _logs(out)
+    # prep.synth writes no packet index: each rank built half of it (a segment of 8 each, no video twice)
+    # and rank 0 sealed it for the list (an empty segment)
+    train_list = clips / "train.txt"
+    index = PacketIndex(index_path_for(train_list))
+    assert index.sealed(file_stamp(str(train_list)))
+    assert sorted(len(segment.hashes) for segment in index.reader().segments) == [0, 8, 8]
     return load_checkpoint(latest_checkpoint(out))
 
 
