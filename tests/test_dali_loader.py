@@ -343,6 +343,50 @@ def test_bad_input_dali_decoder_and_skip(tmp_path, dataset):
 
 
 @pytest.mark.gpu
+def test_frame_folder_clip_reads_each_jpeg_once(tmp_path, monkeypatch):
+    """All T frame samples of a clip: each sampled JPEG opened once (not T times), the folder's size
+    read from the JPEG header (no image open per sample)."""
+    import dali_pipes.source as source_mod
+
+    folder = tmp_path / "f0"
+    folder.mkdir()
+    for k in range(20):
+        Image.fromarray(frame_content(k, W, H, 0)).save(folder / f"{k + 1:05d}.jpg", quality=95)
+    (tmp_path / "list.txt").write_text("f0 20 0\n")
+    data = cfg(tmp_path, source="frames", input_size=48, scale_size=48, num_segments=8, batch_size=1)
+    loader = build_loader(data, "train")
+    src = loader.source
+    loader.close()
+    reads: list[str] = []
+    real = source_mod.read_jpeg
+    monkeypatch.setattr(source_mod, "read_jpeg", lambda name: reads.append(name) or real(name))
+    monkeypatch.setattr("PIL.Image.open", lambda *a, **k: pytest.fail("opened an image with PIL"))
+    for epoch in (0, 1):
+        reads.clear()
+        outs = [src.load(0, epoch, k) for k in range(src.group)]
+        indices = clip_indices(20, "train", src.sampling, src.seed, epoch, 0).ravel()
+        assert len(reads) == len(set(reads)) <= len(set(indices.tolist())) + 1  # + the first frame
+        for k, out in enumerate(outs):
+            assert bytes(out[0]) == (folder / f"{int(indices[k]) + 1:05d}.jpg").read_bytes()
+
+
+def test_jpeg_size_matches_pil(tmp_path):
+    from dali_pipes.source import jpeg_size
+
+    rgb = frame_content(0, 70, 30)
+    exif = Image.Exif()
+    exif[0x010E] = "a description long enough for a real APP1 segment " * 8
+    cases = {"baseline": {}, "progressive": {"progressive": True}, "exif": {"exif": exif},
+             "subsampled": {"subsampling": 2, "quality": 50}}  # fmt: skip
+    for name, kw in cases.items():
+        Image.fromarray(rgb).save(tmp_path / f"{name}.jpg", **kw)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.jpg")
+    for path in tmp_path.glob("*.jpg"):
+        with Image.open(path) as im:
+            assert jpeg_size(path.read_bytes()) == im.size == (70, 30), path.name
+    assert jpeg_size(b"\xff\xd8not a jpeg") is None
+
+
 @pytest.mark.parametrize("source", ["video", "frames"])
 def test_gpu_route_matches_cpu(dataset, source, tmp_path):
     """NVDEC / nvJPEG + GPU ops give the CPU route's clips (up to colour conversion)."""
