@@ -342,7 +342,6 @@ def test_bad_input_dali_decoder_and_skip(tmp_path, dataset):
     val.close()
 
 
-@pytest.mark.gpu
 def test_frame_folder_clip_reads_each_jpeg_once(tmp_path, monkeypatch):
     """All T frame samples of a clip: each sampled JPEG opened once (not T times), the folder's size
     read from the JPEG header (no image open per sample)."""
@@ -387,6 +386,7 @@ def test_jpeg_size_matches_pil(tmp_path):
     assert jpeg_size(b"\xff\xd8not a jpeg") is None
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("source", ["video", "frames"])
 def test_gpu_route_matches_cpu(dataset, source, tmp_path):
     """NVDEC / nvJPEG + GPU ops give the CPU route's clips (up to colour conversion)."""
