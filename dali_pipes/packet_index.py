@@ -241,7 +241,7 @@ def _encode(name: str, stamp: tuple[int, int], idx: VideoIndex) -> bytes:
     size, offset = packets["size"].astype(np.int64), packets["offset"].astype(np.int64)
     ctts = pts - dts  # small and periodic (B-frame reordering)
     c_base = int(ctts.min()) if n else 0
-    c_div = int(np.gcd.reduce((ctts - c_base).astype(np.uint64))) or 1 if n else 1
+    c_div = (int(np.gcd.reduce((ctts - c_base).astype(np.uint64))) or 1) if n else 1
     reorder = ((ctts - c_base) // c_div) * 8 + packets["flags"].astype(np.int64)  # flags use 3 bits
     rows = [np.diff(dts), reorder, size, offset[1:] - offset[:-1] - size[:-1]]  # dts steps, .., offset gaps
     name_b, codec_b = name.encode("utf-8"), idx.codec.encode("ascii", "replace")[:255]
