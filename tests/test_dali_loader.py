@@ -6,6 +6,7 @@ Tiny VP9 clips (64x48, 32-48 frames); pipelines use batch 2-3, 1 thread, 1-2 wor
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -440,6 +441,35 @@ def test_profiler_table(dataset, tmp_path, capsys):
     assert dali["decoded_note"] == "computed" and 1 <= dali["decoded_per_kept"] < seq["decoded_per_kept"]
     names = [r["name"] for r in doc["results"] if r["kind"] == "baseline" and not r["error"]]
     assert doc["best_baseline_cpu_ms"] in names and doc["best_baseline_clips_per_s"] in names
+
+
+def test_profiler_frame_folders_against_pil(dataset, tmp_path, capsys):
+    """The frame-folder route against the plain PIL DataLoader; a video baseline on frames is rc 2."""
+    from dali_pipes.profile import main, pin
+
+    for v in range(2):
+        (tmp_path / f"f{v}").mkdir()
+        for k in range(12):
+            Image.fromarray(frame_content(k, W, H, v)).save(tmp_path / f"f{v}/{k + 1:05d}.jpg")
+    (tmp_path / "list.txt").write_text("f0 12 0\nf1 12 1\n")
+    config = tmp_path / "p.yaml"
+    config.write_text(f"data:\n  train_list: {tmp_path / 'list.txt'}\n  source: frames\n  device: cpu\n"
+                      "  input_size: 32\n  batch_size: 2\n  num_workers: 1\n  num_threads: 1\n")  # fmt: skip
+    out_json = tmp_path / "bench.json"
+    cores = os.sched_getaffinity(0)
+    try:
+        args = [str(config), "--batches", "2", "--warmup", "1", "--cores", "0", "--data.num_segments=4",
+                "--model.num_segments=4", "--json", str(out_json)]  # fmt: skip
+        rc = main([*args, "--baseline", "pil"])
+        assert main([*args, "--baseline", "pyav"]) == 2
+    finally:
+        pin(cores)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.out
+    assert "--baseline pyav-seek: not for data.source: frames" in captured.err
+    rows = {r["name"]: r for r in json.loads(out_json.read_text())["results"]}
+    for name in ("DALI cpu (JPEG folders)", "DataLoader + pil (1 workers)"):
+        assert rows[name]["clips"] == 4 and rows[name]["cpu_ms_per_clip"] > 0 and not rows[name]["error"]
 
 
 def test_dali_cpu_decoder_rejects_h264_by_name(tmp_path, ffmpeg_available):
