@@ -468,8 +468,8 @@ def test_profiler_frame_folders_against_pil(dataset, tmp_path, capsys):
     assert rc == 0, captured.out
     assert "--baseline pyav-seek: not for data.source: frames" in captured.err
     rows = {r["name"]: r for r in json.loads(out_json.read_text())["results"]}
-    for name in ("DALI cpu (JPEG folders)", "DataLoader + pil (1 workers)"):
-        assert rows[name]["clips"] == 4 and rows[name]["cpu_ms_per_clip"] > 0 and not rows[name]["error"]
+    for name in ("DALI cpu (JPEG folders)", "DataLoader + pil (1 workers)"):  # tiny: CPU time may read 0
+        assert rows[name]["clips"] == 4 and rows[name]["cpu_ms_per_clip"] >= 0 and not rows[name]["error"]
 
 
 def test_dali_cpu_decoder_rejects_h264_by_name(tmp_path, ffmpeg_available):
