@@ -1,10 +1,10 @@
 """The dataset fingerprint: which data a run saw, in one line two labs can compare.
 
 `digest` is a short hash over every list line as written, each file's size and its packet-index
-digest (packet_index.digest: every packet's timestamps, offset, size, flags and payload CRC-32, plus
-the stream's codec, frame size, time base and extradata), so one changed list line or one changed byte
-of a video's payload changes it; paths are hashed as the list writes them (relative), so the same data
-in another folder hashes the same.
+digest (PacketIndex.digest: every packet's timestamps, offset, size and flags, the hash of all its
+payloads, plus the stream's codec, frame size, time base and extradata), so one changed list line or
+one changed byte of a video's payload changes it; paths are hashed as the list writes them
+(relative), so the same data in another folder hashes the same.
 Beside it: counts (videos, classes, bad = files that cannot be indexed), the sampler and the eval
 protocol. It is computed from the list's packet index (`LIST.index`, built by demuxing when missing;
 nothing is decoded). train.py writes it to metrics.jsonl and every checkpoint; evaluate.py and

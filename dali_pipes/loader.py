@@ -13,7 +13,7 @@ import gc
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from nvidia.dali import types
@@ -23,7 +23,7 @@ from engine.config import DataConfig, EvalConfig
 
 from .graph import clip_graph
 from .listfile import read_flip_pairs, read_list
-from .packet_index import PacketIndex, index_path_for
+from .packet_index import prepare_index
 from .sampling import SamplingOptions, clip_indices
 from .source import LEFT_OUT, ClipLoadError, ClipSource, SpatialOptions
 from .video_io import decode_frames
@@ -74,6 +74,13 @@ def source_kind(data: DataConfig) -> str:
     return "pyav"
 
 
+def _job_barrier(world_size: int) -> Callable[[], None] | None:
+    """The process group's barrier when this is one rank of several (the packet index is built once)."""
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.barrier
+    return None
+
+
 class _MarkedBad(Exception):
     """A sample DALI failed on was marked bad (skip_bad): build the pipeline again and redo the batch."""
 
@@ -120,8 +127,8 @@ class ClipLoader:
         kind = source_kind(data)
         index = None
         if kind != "frames":  # one packet index per list, complete before the workers start
-            index = PacketIndex(index_path_for(list_path))
-            built = index.update([e.path for e in entries], jobs=max(1, data.num_workers))
+            index, built = prepare_index(list_path, [e.path for e in entries], rank, world_size,
+                                         _job_barrier(world_size), jobs=max(1, data.num_workers))  # fmt: skip
             if built:
                 log.info("%s: packet index built for %d videos (prep.lists/prep.validate write it offline)",
                          index.path, built)  # fmt: skip

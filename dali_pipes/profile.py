@@ -20,7 +20,9 @@ one run. Fair by construction:
 - ratios against the best baseline of the same run (highest clips/s, lowest CPU-ms per clip).
 Baselines: pyav-seek (seek to the keyframe before every wanted frame, decode to it: the plain
 seek-per-frame PyAV loader; `pyav` is the same), pyav-seq (decode from frame 0 up to the last wanted
-frame), decord and torchcodec (when importable). The first --warmup batches are not timed.
+frame), decord and torchcodec (when importable); for frame folders (`data.source: frames`) pil (each
+sampled JPEG opened and decoded with Pillow) and simplejpeg (when importable). The first --warmup
+batches are not timed.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from .trim import decoded_frames as dali_decoded_frames
 from .video_io import VideoIndex, decode_frames, index_video
 
 BASELINES = ("pyav-seek", "pyav-seq", "decord", "torchcodec")
+FRAME_BASELINES = ("pil", "simplejpeg")  # data.source: frames
 ALIASES = {"pyav": "pyav-seek"}
 
 
@@ -283,6 +286,31 @@ def baseline_decoder(name: str) -> Callable[..., np.ndarray]:
     raise ValueError(f"unknown baseline {name!r}")
 
 
+def frame_folder_decoder(name: str, template: str, start: int) -> Callable[[str, np.ndarray], np.ndarray]:
+    """A plain frame-folder reader -> uint8 (n, H, W, 3) RGB: each sampled JPEG opened and decoded once."""
+    if name == "pil":
+        from PIL import Image
+
+        def decode_one(path: str) -> np.ndarray:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+    elif name == "simplejpeg":
+        import simplejpeg
+
+        def decode_one(path: str) -> np.ndarray:
+            with open(path, "rb") as f:
+                return simplejpeg.decode_jpeg(f.read(), colorspace="RGB")
+    else:
+        raise ValueError(f"unknown frame-folder baseline {name!r}")
+
+    def decode(folder: str, idx: np.ndarray) -> np.ndarray:
+        wanted = idx.tolist()
+        frames = {i: decode_one(os.path.join(folder, template.format(start + i))) for i in set(wanted)}
+        return np.stack([frames[i] for i in wanted])
+
+    return decode
+
+
 class BaselineDataset(torch.utils.data.Dataset):
     """The loader's train sampling and crops, done per item in a DataLoader worker with torch ops."""
 
@@ -296,6 +324,10 @@ class BaselineDataset(torch.utils.data.Dataset):
         self.spatial = ClipSource(
             self.entries, "pyav", "train", self.opts, spatial, data.seed, 0, 1, data.batch_size
         )
+        if data.source == "frames":
+            self.decode = frame_folder_decoder(decoder, data.frame_template, data.frame_start)
+        else:
+            self.decode = baseline_decoder(decoder)
         self.mean = torch.tensor(data.mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(data.std).view(1, 3, 1, 1) * 255
 
@@ -310,7 +342,7 @@ class BaselineDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
         sid, idx = self.indices(k)
         entry = self.entries[sid]
-        frames = torch.from_numpy(baseline_decoder(self.decoder_name)(entry.path, idx))
+        frames = torch.from_numpy(self.decode(entry.path, idx))
         h, w = frames.shape[1:3]
         rois, mirror, label = self.spatial.spatial_params(w, h, entry.label, self.epoch, sid)
         y0, x0, y1, x1 = rois[0]
@@ -403,7 +435,7 @@ def profile(data: DataConfig, decoders: list[str], baselines: list[str], batches
             break
     for name in baselines:
         label = f"DataLoader + {name} ({data.num_workers} workers)"
-        module = name.split("-")[0]
+        module = {"pil": "PIL"}.get(name, name.split("-")[0])
         if module != "pyav" and importlib.util.find_spec(module) is None:
             results.append(Result(label, "baseline", error=f"skipped: {name} is not importable"))
             continue
@@ -411,7 +443,8 @@ def profile(data: DataConfig, decoders: list[str], baselines: list[str], batches
             loader = baseline_loader(data, name, cores)
             r = timed(label, "baseline", endless(loader), warmup, batches, lambda b: len(b[1]), cores)
             del loader
-            r.decoded_per_kept, r.decoded_note = decoded_per_kept(data, name, clips)
+            if data.source != "frames":
+                r.decoded_per_kept, r.decoded_note = decoded_per_kept(data, name, clips)
             results.append(r)
         except Exception as e:
             results.append(Result(label, "baseline", error=str(e).splitlines()[0][:240]))
@@ -515,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per route")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first (build, worker start)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per route (median reported)")
-    parser.add_argument("--baseline", action="append", choices=[*BASELINES, *ALIASES], default=[],
+    parser.add_argument("--baseline", action="append", choices=[*BASELINES, *ALIASES, *FRAME_BASELINES],
+                        default=[],
                         help="standalone DataLoader(s) to compare with (repeatable)")  # fmt: skip
     parser.add_argument("--decoders", default="", help="cpu routes: pyav,dali (default: data.cpu_decoder)")
     parser.add_argument("--plot", metavar="PATH", help="also save the table as a bar chart (PNG)")
@@ -547,6 +581,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --decoders: {d!r} is not pyav or dali", file=sys.stderr)
             return 2
     baselines = list(dict.fromkeys(ALIASES.get(b, b) for b in args.baseline))
+    wrong = [b for b in baselines if (b in FRAME_BASELINES) != (data.source == "frames")]
+    if wrong:
+        print(f"error: --baseline {wrong[0]}: not for data.source: {data.source} (frame folders: "
+              f"{', '.join(FRAME_BASELINES)}; videos: {', '.join(BASELINES)})", file=sys.stderr)  # fmt: skip
+        return 2
     console = Console(width=160)
     try:
         n = len(read_list(data.train_list, data.root))

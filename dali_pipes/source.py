@@ -10,6 +10,7 @@ the error names the file and the list line instead of failing a whole DALI batch
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -74,27 +75,47 @@ def epoch_order(
     return np.concatenate([mine, np.full(nb * batch - len(mine), PAD, dtype=mine.dtype)])
 
 
-def check_jpeg_ends(name: str) -> None:
-    """Raise VideoReadError unless `name` starts like a JPEG and ends with its end-of-image marker.
+def read_jpeg(name: str) -> bytes:
+    """The whole file `name`, if it starts like a JPEG and ends with its end-of-image marker (one open).
 
-    Reads 2 + 64 bytes, so every frame of a clip can be checked by each of its frame samples (a
-    replacement must cover the whole clip, not one frame). Damage inside the image data is only found
-    by decoding it: prep.validate does that.
+    A clip's frames are read once for all of its frame samples (ClipSource._clip_frames), so every
+    frame of the clip is checked (a replacement must cover the whole clip, not one frame). Damage
+    inside the image data is only found by decoding it: prep.validate does that.
     """
     try:
-        size = os.path.getsize(name)
         with open(name, "rb") as f:
-            head = f.read(2)
-            f.seek(max(size - 64, 0))
-            tail = f.read()
+            data = f.read()
     except OSError:
         raise VideoReadError(f"frame file {name} missing (folder shorter than listed?)") from None
-    if size == 0:
+    if not data:
         raise VideoReadError(f"frame file {name} is empty (0 bytes)")
-    if head != b"\xff\xd8":
+    if data[:2] != b"\xff\xd8":
         raise VideoReadError(f"frame file {name} is not a JPEG (data.source: frames decodes JPEG only)")
-    if not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
+    if not data[-64:].rstrip(b"\x00").endswith(b"\xff\xd9"):
         raise VideoReadError(f"frame file {name} is a truncated JPEG (no end-of-image marker)")
+    return data
+
+
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame: baseline, progressive, ...
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame header, or None where the markers do not parse."""
+    at = 2
+    while at + 9 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in SOF_MARKERS:
+            return int.from_bytes(data[at + 7 : at + 9], "big"), int.from_bytes(data[at + 5 : at + 7], "big")
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            at += 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return None
 
 
 @dataclass
@@ -156,6 +177,8 @@ class ClipSource:
     # list line -> why, for samples only DALI's decoder failed on (the loader fills it with skip_bad)
     known_bad: dict[int, str] = field(default_factory=dict, repr=False)
     _orders: dict = field(default_factory=dict, repr=False)
+    # frame folders: the last clip's JPEGs and frame size, read once for all of its frame samples
+    _clip: tuple = field(default=(), repr=False)
 
     @property
     def group(self) -> int:
@@ -240,29 +263,35 @@ class ClipSource:
             )
         return idx
 
-    def _frame_size(self, entry: Entry) -> tuple[int, int]:
-        from PIL import Image
+    def _clip_frames(self, entry: Entry, sid: int, epoch: int,
+                     indices: np.ndarray) -> tuple[dict[int, bytes], tuple[int, int]]:  # fmt: skip
+        """Every JPEG a frame-folder clip samples, each read and checked once for all of the clip's frame
+        samples in this process (they come one after another), and the size of the folder's first frame."""
+        if self._clip and self._clip[0] == (sid, epoch):
+            return self._clip[1]
+        if not os.path.isdir(entry.path):
+            found = os.path.isfile(entry.path)
+            raise VideoReadError("is a file, not a frame folder" if found else "frame folder not found")
+        name = os.path.join(entry.path, self.frame_template)
+        jpegs = {i: read_jpeg(name.format(self.frame_start + i)) for i in dict.fromkeys(indices.tolist())}
+        first = jpegs.get(0) or read_jpeg(name.format(self.frame_start))
+        size = jpeg_size(first)
+        if size is None:  # markers this parser does not follow: ask PIL
+            from PIL import Image
 
-        first = os.path.join(entry.path, self.frame_template.format(self.frame_start))
-        with Image.open(first) as im:
-            return im.size
+            with Image.open(io.BytesIO(first)) as im:
+                size = im.size
+        self._clip = ((sid, epoch), (jpegs, size))
+        return jpegs, size
 
     def _load_one(self, sid: int, epoch: int, frame_k: int) -> tuple:
         entry = self.entries[sid]
         if sid in self.known_bad:
             raise VideoReadError(self.known_bad[sid])
         indices = clip_indices(entry.num_frames, self.split, self.sampling, self.seed, epoch, sid).ravel()
-        if self.kind == "frames":
-            if not os.path.isdir(entry.path):
-                found = os.path.isfile(entry.path)
-                raise VideoReadError("is a file, not a frame folder" if found else "frame folder not found")
-            names = [os.path.join(entry.path, self.frame_template.format(self.frame_start + int(i)))
-                     for i in indices]  # fmt: skip
-            for name in names:  # the whole clip, so every frame sample of it agrees on replacement
-                check_jpeg_ends(name)
-            width, height = self._frame_size(entry)
-            with open(names[frame_k], "rb") as f:
-                payload: tuple = (np.frombuffer(f.read(), dtype=np.uint8),)
+        if self.kind == "frames":  # the whole clip is checked: its frame samples agree on replacement
+            jpegs, (width, height) = self._clip_frames(entry, sid, epoch, indices)
+            payload: tuple = (np.frombuffer(jpegs[int(indices[frame_k])], dtype=np.uint8),)
         elif self.kind == "pyav":
             idx = self._video_index(entry)
             frames = decode_frames(entry.path, indices, idx, rotate=self.rotate)

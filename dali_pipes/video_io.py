@@ -38,6 +38,7 @@ class VideoIndex:
     extradata: bytes = b""  # codec configuration (avcC/hvcC for H.264/HEVC), for remuxing
     packets: np.ndarray | None = None  # packet_index.PACKET rows in decode order
     frame_packet: np.ndarray | None = None  # decode position of frame i (frame i = i-th in pts order)
+    payload_hash: bytes = bytes(16)  # BLAKE2b-128 of every packet payload in decode order (the digest's)
 
     @property
     def num_frames(self) -> int:

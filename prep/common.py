@@ -159,17 +159,18 @@ def _parallel_map(
 
 
 def write_packet_index(list_path: Path, video_paths: list[str], jobs: int, quiet: bool = False) -> Path:
-    """LIST.index for the videos of a list: demuxed in parallel, only entries missing or stale.
-
-    The loader memory-maps it in every worker (dali_pipes.packet_index); unreadable files are left
-    out (the list report / LIST.bad names them).
+    """LIST.index for the videos of a list, checked in full: every file's stamp, only entries missing or
+    stale demuxed (in parallel), then compacted to the list's videos in one segment and sealed for the
+    list, so a loader on this list starts without looking at its entries (dali_pipes.packet_index).
+    Unreadable files are left out (the list report / LIST.bad names them).
     """
-    from dali_pipes.packet_index import PacketIndex, index_job, index_path_for
+    from dali_pipes.packet_index import PacketIndex, file_stamp, index_job, index_path_for
 
     index = PacketIndex(index_path_for(list_path))
     todo = dict(index.missing([p for p in video_paths if os.path.isfile(p)]))
     for path, result in parallel_map(index_job, list(todo), jobs, "packet index", quiet=quiet):
         if not isinstance(result, str):
             index.add(path, todo[path], result)
-    index.save()
+    index.save(seal=file_stamp(str(list_path)))
+    index.compact(keep=video_paths)
     return index.path

@@ -1,13 +1,14 @@
 """Benchmark clips: N videos of 10 s (250 frames at 25 fps), 426x320 by default, one codec and GOP.
 
-    python scripts/make_bench_clips.py OUT --codec h264|vp9|mjpeg [--gop 16] [--num 32] [--size 426x320]
+    python scripts/make_bench_clips.py OUT --codec h264|vp9|mjpeg|jpeg [--gop 16] [--num 32] [--size 426x320]
 
 Content is FFmpeg's `testsrc2` (moving pattern, colour bars, counter) with per-clip hue, speed of the
 time-varying noise and seed, so every clip differs and inter-frame coding has real residuals to carry.
 H.264 is x264 `veryfast` with 3 B-frames (as most Kinetics mp4 files: reordered frames), VP9 is libvpx
-`good` quality with alt-ref frames (as YouTube webm), MJPEG every frame a keyframe. Writes
-OUT/videos/vNNN.<ext> and OUT/train.txt ("path frames label", labels cycling over 8 classes); existing
-clips are kept (re-running resumes). Needs ffmpeg on PATH.
+`good` quality with alt-ref frames (as YouTube webm), MJPEG every frame a keyframe, jpeg a folder of JPEG
+frames per clip (`00001.jpg`, ..., as Something-Something V1; e.g. `--size 176x100 --seconds 2`). Writes
+OUT/videos/vNNN.<ext> (or the folder OUT/videos/vNNN) and OUT/train.txt ("path frames label", labels
+cycling over 8 classes); existing clips are kept (re-running resumes). Needs ffmpeg on PATH.
 """
 
 from __future__ import annotations
@@ -26,21 +27,25 @@ ENCODERS = {
     "vp9": ("webm", ["-c:v", "libvpx-vp9", "-deadline", "good", "-cpu-used", "5", "-b:v", "0", "-crf", "34",
                      "-row-mt", "1", "-pix_fmt", "yuv420p"]),
     "mjpeg": ("avi", ["-c:v", "mjpeg", "-q:v", "4", "-pix_fmt", "yuvj420p"]),
+    "jpeg": ("", ["-c:v", "mjpeg", "-q:v", "4", "-pix_fmt", "yuvj420p"]),  # a frame folder
 }  # fmt: skip
 
 
 def encode(out: Path, codec: str, gop: int, size: str, seconds: int, seed: int) -> None:
     ext, args = ENCODERS[codec]
-    path = out / "videos" / f"v{seed:03d}.{ext}"
-    if path.exists() and path.stat().st_size:
+    path = out / "videos" / (f"v{seed:03d}.{ext}" if ext else f"v{seed:03d}")
+    if path.exists() and (path.is_dir() or path.stat().st_size):
         return
     src = (f"testsrc2=size={size}:rate=25:duration={seconds},hue=h={seed * 37 % 360},"
            f"noise=alls={6 + seed % 8}:allf=t+u:all_seed={seed}")  # fmt: skip
     tmp = path.with_name(f".tmp.{path.name}")
-    cmd = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", src, *args, "-g", str(gop),
-           "-keyint_min", str(gop), "-sc_threshold", "0", "-an", "-f", {"mp4": "mp4", "webm": "webm",
-           "avi": "avi"}[ext], str(tmp)]  # fmt: skip
-    subprocess.run(cmd, check=True)
+    if ext:
+        target = ["-g", str(gop), "-keyint_min", str(gop), "-sc_threshold", "0", "-an", "-f", ext, str(tmp)]
+    else:  # JPEG frames 00001.jpg, ... in a folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        target = ["-an", "-f", "image2", str(tmp / "%05d.jpg")]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", src, *args, *target], check=True)
     os.replace(tmp, path)
 
 
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: ffmpeg not on PATH", file=sys.stderr)
         return 2
     (args.out / "videos").mkdir(parents=True, exist_ok=True)
-    gop = 1 if args.codec == "mjpeg" else args.gop
+    gop = 1 if args.codec in ("mjpeg", "jpeg") else args.gop
     with ThreadPoolExecutor(args.jobs) as pool:
         jobs = [pool.submit(encode, args.out, args.codec, gop, args.size, args.seconds, k)
                 for k in range(args.num)]
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             job.result()
     ext = ENCODERS[args.codec][0]
     frames = 25 * args.seconds
-    lines = [f"videos/v{s:03d}.{ext} {frames} {s % 8}\n" for s in range(args.num)]
+    lines = [f"videos/v{s:03d}{'.' + ext if ext else ''} {frames} {s % 8}\n" for s in range(args.num)]
     tmp = args.out / ".train.txt.tmp"
     tmp.write_text("".join(lines))
     os.replace(tmp, args.out / "train.txt")

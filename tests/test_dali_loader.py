@@ -7,6 +7,7 @@ tests use NVDEC-legal clips (conftest.clip_size("gpu"), 160x144).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -379,6 +380,50 @@ def test_bad_input_dali_decoder_and_skip(tmp_path, dataset):
     val.close()
 
 
+def test_frame_folder_clip_reads_each_jpeg_once(tmp_path, monkeypatch):
+    """All T frame samples of a clip: each sampled JPEG opened once (not T times), the folder's size
+    read from the JPEG header (no image open per sample)."""
+    import dali_pipes.source as source_mod
+
+    folder = tmp_path / "f0"
+    folder.mkdir()
+    for k in range(20):
+        Image.fromarray(frame_content(k, W, H, 0)).save(folder / f"{k + 1:05d}.jpg", quality=95)
+    (tmp_path / "list.txt").write_text("f0 20 0\n")
+    data = cfg(tmp_path, source="frames", input_size=48, scale_size=48, num_segments=8, batch_size=1)
+    loader = build_loader(data, "train")
+    src = loader.source
+    loader.close()
+    reads: list[str] = []
+    real = source_mod.read_jpeg
+    monkeypatch.setattr(source_mod, "read_jpeg", lambda name: reads.append(name) or real(name))
+    monkeypatch.setattr("PIL.Image.open", lambda *a, **k: pytest.fail("opened an image with PIL"))
+    for epoch in (0, 1):
+        reads.clear()
+        outs = [src.load(0, epoch, k) for k in range(src.group)]
+        indices = clip_indices(20, "train", src.sampling, src.seed, epoch, 0).ravel()
+        assert len(reads) == len(set(reads)) <= len(set(indices.tolist())) + 1  # + the first frame
+        for k, out in enumerate(outs):
+            assert bytes(out[0]) == (folder / f"{int(indices[k]) + 1:05d}.jpg").read_bytes()
+
+
+def test_jpeg_size_matches_pil(tmp_path):
+    from dali_pipes.source import jpeg_size
+
+    rgb = frame_content(0, 70, 30)
+    exif = Image.Exif()
+    exif[0x010E] = "a description long enough for a real APP1 segment " * 8
+    cases = {"baseline": {}, "progressive": {"progressive": True}, "exif": {"exif": exif},
+             "subsampled": {"subsampling": 2, "quality": 50}}  # fmt: skip
+    for name, kw in cases.items():
+        Image.fromarray(rgb).save(tmp_path / f"{name}.jpg", **kw)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.jpg")
+    for path in tmp_path.glob("*.jpg"):
+        with Image.open(path) as im:
+            assert jpeg_size(path.read_bytes()) == im.size == (70, 30), path.name
+    assert jpeg_size(b"\xff\xd8not a jpeg") is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("source", ["video", "frames"])
 def test_gpu_route_matches_cpu(nvdec_dataset, source, tmp_path):
@@ -433,6 +478,35 @@ def test_profiler_table(dataset, tmp_path, capsys):
     assert dali["decoded_note"] == "computed" and 1 <= dali["decoded_per_kept"] < seq["decoded_per_kept"]
     names = [r["name"] for r in doc["results"] if r["kind"] == "baseline" and not r["error"]]
     assert doc["best_baseline_cpu_ms"] in names and doc["best_baseline_clips_per_s"] in names
+
+
+def test_profiler_frame_folders_against_pil(dataset, tmp_path, capsys):
+    """The frame-folder route against the plain PIL DataLoader; a video baseline on frames is rc 2."""
+    from dali_pipes.profile import main, pin
+
+    for v in range(2):
+        (tmp_path / f"f{v}").mkdir()
+        for k in range(12):
+            Image.fromarray(frame_content(k, W, H, v)).save(tmp_path / f"f{v}/{k + 1:05d}.jpg")
+    (tmp_path / "list.txt").write_text("f0 12 0\nf1 12 1\n")
+    config = tmp_path / "p.yaml"
+    config.write_text(f"data:\n  train_list: {tmp_path / 'list.txt'}\n  source: frames\n  device: cpu\n"
+                      "  input_size: 32\n  batch_size: 2\n  num_workers: 1\n  num_threads: 1\n")  # fmt: skip
+    out_json = tmp_path / "bench.json"
+    cores = os.sched_getaffinity(0)
+    try:
+        args = [str(config), "--batches", "2", "--warmup", "1", "--cores", "0", "--data.num_segments=4",
+                "--model.num_segments=4", "--json", str(out_json)]  # fmt: skip
+        rc = main([*args, "--baseline", "pil"])
+        assert main([*args, "--baseline", "pyav"]) == 2
+    finally:
+        pin(cores)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.out
+    assert "--baseline pyav-seek: not for data.source: frames" in captured.err
+    rows = {r["name"]: r for r in json.loads(out_json.read_text())["results"]}
+    for name in ("DALI cpu (JPEG folders)", "DataLoader + pil (1 workers)"):  # tiny: CPU time may read 0
+        assert rows[name]["clips"] == 4 and rows[name]["cpu_ms_per_clip"] >= 0 and not rows[name]["error"]
 
 
 def test_dali_cpu_decoder_rejects_h264_by_name(tmp_path, ffmpeg_available):

@@ -323,14 +323,14 @@ def test_read_only_list_folder_puts_the_index_in_the_cache(tmp_path, ffmpeg_avai
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     paths = [str(write_clip(tmp_path / f"v{i}.webm", 20, W, H, seed=i)) for i in range(2)]
     list_path = tmp_path / "list.txt"
-    save = packet_index._save
+    append = packet_index._append
 
-    def read_only_folder(path, items):
+    def read_only_folder(path, records, seal):
         if Path(path).parent == tmp_path:
             raise PermissionError(13, "Permission denied", str(path))
-        save(path, items)
+        append(path, records, seal)
 
-    monkeypatch.setattr(packet_index, "_save", read_only_folder)
+    monkeypatch.setattr(packet_index, "_append", read_only_folder)
     assert PacketIndex(index_path_for(list_path)).update(paths) == 2
     assert not index_path_for(list_path).exists()
     assert packet_index.cache_path_for(index_path_for(list_path)).is_file()

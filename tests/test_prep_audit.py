@@ -139,7 +139,7 @@ def test_fingerprint_is_stable_and_changes_with_one_byte_or_one_line(clips, tmp_
     assert list_fingerprint(work / "list.txt").digest != first.digest
     (work / "list.txt").write_text(lines)
     assert list_fingerprint(work / "list.txt").digest == first.digest
-    # one byte inside one packet's payload (same size: only the payload CRC sees it)
+    # one byte inside one packet's payload (same size: only the payload hash sees it)
     video = work / "bframes.mp4"
     packets = PacketIndex(index_path_for(work / "list.txt")).get(str(video)).packets
     at = int(packets["offset"][5] + packets["size"][5] // 2)
