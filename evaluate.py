@@ -1,7 +1,7 @@
 """Multi-view testing of a checkpoint, and fusion of score dumps: the command line.
 
     torchrun --nproc_per_node=8 evaluate.py configs/tsm_k400.yaml --checkpoint tsm_k400.pt --views 3x10
-    python evaluate.py --checkpoint runs/demo --views 3x2   # newest checkpoint of a run, with its config
+    python evaluate.py --checkpoint RUN_DIR --views 3x2   # a run's ckpt_best.pt (else newest), its config
     python evaluate.py --fuse rgb.npz flow.npz --fuse-mode softmax --out fused.npz
 
 This file resolves the config and the checkpoint, builds the test loader and the model, and writes the
@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from dali_pipes.source import ClipLoadError
 from engine.channels_last import model_channels_last
-from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights
+from engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights, run_checkpoint
 from engine.config import (
     Config,
     ConfigError,
@@ -149,8 +149,10 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
             overrides = [*overrides, f"--eval.spatial_crops={crops}", f"--eval.temporal_clips={clips}"]
         if args.fuse:
             overrides = [*overrides, f"--eval.fuse={args.fuse[0]}"]
-        if Path(args.checkpoint).is_dir():  # a run folder: its newest checkpoint (named in the outputs)
-            args.checkpoint = str(latest_checkpoint(args.checkpoint) or args.checkpoint)
+        path, why = run_checkpoint(args.checkpoint)  # a run folder: its best, else newest (in the outputs)
+        args.checkpoint = str(path)
+        if info.is_main:
+            print(f"checkpoint {path} ({why})")
         ckpt = load_checkpoint(args.checkpoint)
         cfg = resolve_config(args.config, ckpt, args.checkpoint, overrides)
         check_model_config(cfg, ckpt, args.checkpoint, args.allow_config_mismatch)

@@ -4,7 +4,8 @@
     python -m predict tsm_k400.pt ~/clips/ --views 3x10 --topk 5 --out preds.csv
     python -m predict converted.pt videos.txt --config configs/tsm_k400.yaml --classes classes.txt
 
-CHECKPOINT is a train.py checkpoint (or a run folder: its newest one), which brings its config; a
+CHECKPOINT is a train.py checkpoint (or a run folder: its ckpt_best.pt, else its newest checkpoint; the
+file loaded is printed and written in --out), which brings its config; a
 models.convert output has none, so --config names one. The videos (a file, a folder searched
 recursively, or a list file with one video per line) go through the test pipeline of the config
 (data.device gpu: NVDEC; cpu, or no GPU here: the PyAV route) with frame counts probed here, and
@@ -28,7 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine.channels_last import model_channels_last
-from engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights, run_checkpoint
 from engine.config import Config, ConfigError, apply_overrides, from_dict, load_config, parse_views, split_cli
 from engine.inference import (
     OUT_FORMATS,
@@ -107,7 +108,10 @@ def predict(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.topk < 1:
         raise ConfigError(f"--topk: must be >= 1, got {args.topk}")
     paths = collect_videos(args.target, args.root)  # before the model: a wrong path fails fast
-    ckpt = load_checkpoint(args.checkpoint)
+    path, why = run_checkpoint(args.checkpoint)
+    args.checkpoint = str(path)
+    console.print(f"checkpoint {path} ({why})", markup=False)
+    ckpt = load_checkpoint(path)
     cfg = resolve_config(args, ckpt, overrides)
     cfg, device, device_id = pick_device(cfg, console)
     if cfg.train.threads > 0:
@@ -180,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Dotted overrides such as --data.device=cpu or --eval.fuse=softmax apply after the config.",
     )
     p.add_argument(
-        "checkpoint", help="train.py checkpoint, a run folder (its newest), or a models.convert output"
+        "checkpoint",
+        help="train.py checkpoint, a run folder (its ckpt_best.pt, else its newest), or a models.convert "
+        "output",
     )
     p.add_argument(
         "target", help="a video, a folder of videos (recursive), or a list file (one video a line)"

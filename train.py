@@ -33,10 +33,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dali_pipes.source import ClipLoadError
 from engine.channels_last import model_channels_last
 from engine.checkpoint import (
+    BestTracker,
     CheckpointError,
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
+    mark_best,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
@@ -99,6 +101,7 @@ class Run:
     batches_per_rank: list[list[int]] = field(default_factory=list)
     skipped_samples: int = 0  # unreadable samples replaced (data.skip_bad), summed over ranks
     stop: StopRequest = field(default_factory=StopRequest)
+    best: BestTracker = field(default_factory=BestTracker)
 
 
 def train(cfg: Config, resume: str = "") -> dict:
@@ -135,6 +138,7 @@ def train(cfg: Config, resume: str = "") -> dict:
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp == "fp16")
     ema = ModelEMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
     run = Run(cfg, info, out_dir, console, model, optimizer, scheduler, scaler, ema, train_loader, val_loader)
+    run.best = BestTracker(cfg.train.best_metric, cfg.train.best_mode)
 
     start_epoch, start_batch, data_state = restore(run, ckpt_path) if ckpt_path else (0, 0, None)
     run.stepper = TrainStep(
@@ -231,13 +235,17 @@ def end_epoch(run: Run, epoch: int) -> bool:
     cfg = run.cfg.train
     run.stepper.guard.check(epoch, run.last_ckpt)
     last_epoch = epoch + 1 == cfg.epochs
+    improved = False  # the same verdict on every rank (the val metrics are gathered to all)
     if run.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
         run.val_results = validate(run, epoch)
+        improved = run.best.update(run.val_results["val"], epoch + 1)
     stop_now = bool(cfg.stop_at_step) and run.step >= cfg.stop_at_step
-    if last_epoch or stop_now or (epoch + 1) % cfg.ckpt_every == 0:
+    if last_epoch or stop_now or improved or (epoch + 1) % cfg.ckpt_every == 0:
         path = save(run, epoch + 1, 0)
         if path is not None:
             run.console.print(f"checkpoint {path}")
+            if improved:
+                record_best(run, path)
     if stop_now and not last_epoch:
         run.console.print(f"stopped at step {run.step} as asked (train.stop_at_step)")
         return True
@@ -322,6 +330,7 @@ def restore(run: Run, path: Path) -> tuple[int, int, dict]:
     rngs = state["rng"]
     set_rng_state(rngs[run.info.rank] if len(rngs) == run.info.world_size else rngs[0])
     run.step, run.last_ckpt = state["step"], path
+    run.best.load_state_dict(state.get("best"))
     run.console.print(f"resumed from {path} (epoch {state['epoch']}, step {run.step})")
     changed = config_changes(state["config"], to_dict(run.cfg))
     if changed:
@@ -427,10 +436,22 @@ def save(run: Run, next_epoch: int, batch_in_epoch: int) -> Path | None:
         "rng": rngs,
         "config": to_dict(run.cfg),
         "ema": run.ema.state_dict() if run.ema is not None else None,
+        "best": run.best.state_dict(),
     }
     run.last_ckpt = save_checkpoint(run.out_dir / checkpoint_name(next_epoch, run.step), state)
     prune_checkpoints(run.out_dir, run.cfg.train.keep_ckpts)
     return run.last_ckpt
+
+
+def record_best(run: Run, path: Path) -> None:
+    """Rank 0: RUN/ckpt_best.pt becomes `path` (atomically), a "best" record in metrics.jsonl."""
+    best = mark_best(path)
+    b = run.best
+    run.console.print(f"best {b.metric} so far ({b.value:.2f} at epoch {b.epoch}): {best} = {path.name}")
+    if run.metrics is not None:
+        run.metrics.write(
+            "best", run.step, epoch=b.epoch, metric=b.metric, mode=b.mode, value=b.value, checkpoint=path.name
+        )
 
 
 def validate(run: Run, epoch: int) -> dict:

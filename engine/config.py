@@ -146,7 +146,9 @@ class TrainConfig:
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
     seed: int = 0
     stop_at_step: int = 0  # end this job after this optimizer step with a checkpoint (0: run all epochs)
-    keep_ckpts: int = 0  # keep only the newest N checkpoints in out_dir (0: keep all)
+    keep_ckpts: int = 3  # keep only the newest N ckpt_e*_s*.pt in out_dir (0: keep all; ckpt_best.pt apart)
+    best_metric: str = "top1"  # val metric that picks out_dir/ckpt_best.pt: top1 | top5 | mean_class
+    best_mode: str = "max"  # max: higher is better | min
     progress: bool = True  # rich progress bar on rank 0 (log lines are printed either way when not a tty)
     threads: int = 0  # torch CPU threads per process (0: torch's default; 1 suits small CPU boxes)
     dist_timeout_s: int = 900  # a collective waiting this long for a hung or dead rank fails (0: torch's)
@@ -389,6 +391,8 @@ _CHOICES = {
     "optim.param_groups": ("tsn", "flat"),
     "train.amp": ("bf16", "fp16", "fp32"),
     "train.nonfinite": ("stop", "skip"),
+    "train.best_metric": ("top1", "top5", "mean_class"),
+    "train.best_mode": ("max", "min"),
     "eval.spatial_crops": (1, 3),
     "eval.temporal_mode": ("auto", "centres", "twice", "uniform", "uniform_random", "dense", "clip3d"),
     "eval.fuse": ("logits", "softmax"),

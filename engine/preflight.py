@@ -23,8 +23,9 @@ class LabelledEntry(Protocol):
     def where(self) -> str: ...  # "list_file:line"
 
 
-# The temp names engine.fileio.atomic_write gives checkpoints: ".{name}.{random}.tmp" (mkstemp)
-STALE_CKPT_TMP = re.compile(r"^\.ckpt_e\d+_s\d+\.pt\.[^/]+\.tmp$")
+# The temp names engine.fileio.atomic_write gives checkpoints: ".{name}.{random}.tmp" (mkstemp), and
+# engine.checkpoint.mark_best's ".ckpt_best.pt.{random}.tmp"
+STALE_CKPT_TMP = re.compile(r"^\.ckpt_(e\d+_s\d+|best)\.pt\.[^/]+\.tmp$")
 
 
 def check_labels(entries: Iterable[LabelledEntry], num_classes: int, key: str = "model.num_classes") -> None:
