@@ -21,6 +21,48 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from engine.config import FUSE_MODES, DefaultsHelpFormatter, exit_if_help
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
+        description="Multi-view testing of a checkpoint, or fusion of score dumps (--fuse A.npz B.npz ...).",
+        epilog="Dotted overrides such as --data.device=cpu or --eval.full_res=true apply after the config.",
+    )
+    p.add_argument("config", nargs="?", help="YAML config (default: the config stored in the checkpoint)")
+    p.add_argument("--checkpoint", help="train.py checkpoint or models.convert output")
+    p.add_argument(
+        "--views", help="CROPSxCLIPS, e.g. 1x1, 3x2, 3x10 (eval.spatial_crops x eval.temporal_clips)"
+    )
+    p.add_argument(
+        "--fuse", nargs="+", metavar="MODE|DUMP",
+        help="logits|softmax: how views are averaged (eval.fuse); or score dumps A.npz B.npz ... to fuse",
+    )  # fmt: skip
+    p.add_argument("--fuse-mode", choices=FUSE_MODES, help="with dumps: view fusion inside each (logits)")
+    p.add_argument(
+        "--out", help="score dump .npz; reports are written next to it (default: by the checkpoint)"
+    )
+    p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), help="autocast dtype (default: train.amp)")
+    p.add_argument(
+        "--weights", default="model", choices=("model", "ema"), help="which weights of the checkpoint"
+    )
+    p.add_argument(
+        "--allow-config-mismatch", action="store_true",
+        help="evaluate even when the checkpoint was trained as another model (model.name/depth/...)",
+    )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace another evaluation's dump at the output path"
+    )
+    p.add_argument(
+        "--progress-every", type=float, default=10.0, metavar="S", help="seconds between progress lines"
+    )
+    return p
+
+
+if __name__ == "__main__":
+    exit_if_help(build_parser)  # before torch and DALI load
+
 import numpy as np
 import torch.distributed as dist
 
@@ -30,7 +72,6 @@ from engine.checkpoint import CheckpointError, load_checkpoint, load_model_weigh
 from engine.config import (
     Config,
     ConfigError,
-    DefaultsHelpFormatter,
     EvalConfig,
     build_config,
     dump_yaml,
@@ -53,7 +94,7 @@ from engine.reports import (
     save_dump,
     write_reports,
 )
-from engine.scoring import FUSE_MODES, EvalResult, compute_metrics, evaluate_model
+from engine.scoring import EvalResult, compute_metrics, evaluate_model
 
 log = logging.getLogger("evaluate")
 
@@ -297,42 +338,6 @@ def report_checkpoint_result(
     ]
     print_table(head + metric_rows(result.metrics), title)
     print(f"wrote {out} (+ .metrics.json, .per_class.csv, .confusion.csv, .confusion.png)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        formatter_class=DefaultsHelpFormatter,
-        description="Multi-view testing of a checkpoint, or fusion of score dumps (--fuse A.npz B.npz ...).",
-        epilog="Dotted overrides such as --data.device=cpu or --eval.full_res=true apply after the config.",
-    )
-    p.add_argument("config", nargs="?", help="YAML config (default: the config stored in the checkpoint)")
-    p.add_argument("--checkpoint", help="train.py checkpoint or models.convert output")
-    p.add_argument(
-        "--views", help="CROPSxCLIPS, e.g. 1x1, 3x2, 3x10 (eval.spatial_crops x eval.temporal_clips)"
-    )
-    p.add_argument(
-        "--fuse", nargs="+", metavar="MODE|DUMP",
-        help="logits|softmax: how views are averaged (eval.fuse); or score dumps A.npz B.npz ... to fuse",
-    )  # fmt: skip
-    p.add_argument("--fuse-mode", choices=FUSE_MODES, help="with dumps: view fusion inside each (logits)")
-    p.add_argument(
-        "--out", help="score dump .npz; reports are written next to it (default: by the checkpoint)"
-    )
-    p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), help="autocast dtype (default: train.amp)")
-    p.add_argument(
-        "--weights", default="model", choices=("model", "ema"), help="which weights of the checkpoint"
-    )
-    p.add_argument(
-        "--allow-config-mismatch", action="store_true",
-        help="evaluate even when the checkpoint was trained as another model (model.name/depth/...)",
-    )  # fmt: skip
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace another evaluation's dump at the output path"
-    )
-    p.add_argument(
-        "--progress-every", type=float, default=10.0, metavar="S", help="seconds between progress lines"
-    )
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,48 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from engine.config import exit_if_help
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m predict",
+        description="Top-k labels with probabilities for videos (a file, a folder or a list file).",
+        epilog="Dotted overrides such as --data.device=cpu or --eval.fuse=softmax apply after the config.",
+    )
+    p.add_argument(
+        "checkpoint",
+        help="train.py checkpoint, a run folder (its ckpt_best.pt, else its newest), or a models.convert "
+        "output",
+    )
+    p.add_argument(
+        "target", help="a video, a folder of videos (recursive), or a list file (one video a line)"
+    )
+    p.add_argument(
+        "--config", help="YAML config (required for a models.convert output; default: the stored one)"
+    )
+    p.add_argument("--views", help="CROPSxCLIPS, e.g. 1x1, 3x10 (default: the config's eval section)")
+    p.add_argument("--topk", type=int, default=5, help="labels shown and written per video (default: 5)")
+    p.add_argument("--out", help="predictions file, .csv (a row per video and rank) or .json")
+    p.add_argument(
+        "--classes", default="", help="class names, line i = class i (default: the data's classes.txt)"
+    )
+    p.add_argument(
+        "--root", help="folder a list file's relative paths start from (default: the list's folder)"
+    )
+    p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), help="autocast dtype (default: train.amp)")
+    p.add_argument(
+        "--weights",
+        default="model",
+        choices=("model", "ema"),
+        help="which weights of the checkpoint (default: model)",
+    )
+    return p
+
+
+if __name__ == "__main__":
+    exit_if_help(build_parser)  # before torch and DALI load
+
 import torch
 from rich.console import Console
 from rich.markup import escape
@@ -175,42 +217,6 @@ def predict(args: argparse.Namespace, overrides: list[str]) -> int:
         }  # fmt: skip
         console.print(f"wrote {write_predictions(args.out, results, meta)}")
     return 0 if scored else 2
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m predict",
-        description="Top-k labels with probabilities for videos (a file, a folder or a list file).",
-        epilog="Dotted overrides such as --data.device=cpu or --eval.fuse=softmax apply after the config.",
-    )
-    p.add_argument(
-        "checkpoint",
-        help="train.py checkpoint, a run folder (its ckpt_best.pt, else its newest), or a models.convert "
-        "output",
-    )
-    p.add_argument(
-        "target", help="a video, a folder of videos (recursive), or a list file (one video a line)"
-    )
-    p.add_argument(
-        "--config", help="YAML config (required for a models.convert output; default: the stored one)"
-    )
-    p.add_argument("--views", help="CROPSxCLIPS, e.g. 1x1, 3x10 (default: the config's eval section)")
-    p.add_argument("--topk", type=int, default=5, help="labels shown and written per video (default: 5)")
-    p.add_argument("--out", help="predictions file, .csv (a row per video and rank) or .json")
-    p.add_argument(
-        "--classes", default="", help="class names, line i = class i (default: the data's classes.txt)"
-    )
-    p.add_argument(
-        "--root", help="folder a list file's relative paths start from (default: the list's folder)"
-    )
-    p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), help="autocast dtype (default: train.amp)")
-    p.add_argument(
-        "--weights",
-        default="model",
-        choices=("model", "ema"),
-        help="which weights of the checkpoint (default: model)",
-    )
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

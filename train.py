@@ -22,6 +22,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config import DefaultsHelpFormatter, exit_if_help
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, defined before torch and DALI load so that `--help` needs neither."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter,
+        epilog="Config keys are overridden with --section.key=value; --print-config shows every value with "
+        "the defaults filled in (README.md: the config reference).",
+    )  # fmt: skip
+    parser.add_argument("config", help="YAML config (configs/*.yaml)")
+    parser.add_argument("--resume", default="", help="auto (newest checkpoint in train.out_dir) or a path")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+if __name__ == "__main__":
+    exit_if_help(build_parser)
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -47,7 +66,6 @@ from engine.checkpoint import (
 from engine.config import (
     Config,
     ConfigError,
-    DefaultsHelpFormatter,
     dump_yaml,
     load_config,
     split_cli,
@@ -497,15 +515,7 @@ def finish(run: Run, epochs_done: int, stopped: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = split_cli(argv)
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter,
-        epilog="Config keys are overridden with --section.key=value; --print-config shows every value with "
-        "the defaults filled in (README.md: the config reference).",
-    )  # fmt: skip
-    parser.add_argument("config", help="YAML config (configs/*.yaml)")
-    parser.add_argument("--resume", default="", help="auto (newest checkpoint in train.out_dir) or a path")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(rest)
+    args = build_parser().parse_args(rest)
     # SIGTERM during setup unwinds like Ctrl-C (the loaders' workers are shut down); during the epochs
     # train()'s StopRequest takes over: a checkpoint at the next step on every rank, then rc 0
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
