@@ -67,7 +67,9 @@ from engine.config import (
     Config,
     ConfigError,
     dump_yaml,
+    join_problems,
     load_config,
+    print_config_text,
     split_cli,
     to_dict,
 )
@@ -77,7 +79,12 @@ from engine.metrics_log import LogWindow, MetricsLog, provenance
 from engine.optim import ModelEMA, build_optimizer, build_scheduler, scaled_lr
 from engine.plot import save_run_curves
 from engine.preemption import StopRequest
-from engine.preflight import PreflightError, check_labels, check_writable_dir, remove_stale_checkpoint_temps
+from engine.preflight import (
+    PreflightError,
+    preflight_problems,
+    remove_stale_checkpoint_temps,
+    with_preflight_findings,
+)
 from engine.progress import log_console
 from engine.scoring import evaluate_model
 from engine.step import NonFiniteLossError, TrainStep, all_finite
@@ -128,7 +135,7 @@ def train(cfg: Config, resume: str = "") -> dict:
     out_dir = Path(cfg.train.out_dir)
     console = log_console(stderr=True, quiet=not info.is_main)  # log files: no 80-column cut
     ckpt_path = resolve_resume(resume, out_dir)
-    preflight(cfg, info, console)
+    preflight(cfg, info, console, resuming=ckpt_path is not None)
 
     # data: one loader per rank (imported late: `--print-config` works without DALI)
     from dali_pipes.loader import build_loader
@@ -288,29 +295,24 @@ def setup_process(cfg: Config) -> DistInfo:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.data.device == "gpu" and info.device.type != "cuda":
-        raise ConfigError("data.device: 'gpu' but this machine has no CUDA device; pass --data.device=cpu")
     return info
 
 
-def preflight(cfg: Config, info: DistInfo, console: Console) -> None:
-    """Before any heavy work, on rank 0: list labels within model.num_classes, train.out_dir writable,
-    temp files of interrupted checkpoint writes removed. Every rank stops on rank 0's finding (no rank is
-    left waiting in a collective for a peer that quit)."""
-    from dali_pipes.listfile import read_list
-
+def preflight(cfg: Config, info: DistInfo, console: Console, resuming: bool) -> None:
+    """Before any heavy work, on rank 0, every finding at once (engine.preflight.preflight_problems: CUDA
+    for data.device gpu, model.pretrained, lists and labels, train.out_dir writable, num_classes vs the
+    data), then temp files of interrupted checkpoint writes removed. Every rank stops on rank 0's
+    findings (no rank is left waiting in a collective for a peer that quit)."""
     error = ""
     if info.is_main:
-        try:
-            lists = [cfg.data.train_list] + ([cfg.data.val_list] if cfg.train.eval_every > 0 else [])
-            for path in lists:
-                if path:
-                    check_labels(read_list(path, cfg.data.root), cfg.model.num_classes)
-            out_dir = check_writable_dir(cfg.train.out_dir)
-            for stale in remove_stale_checkpoint_temps(out_dir):
+        lists = ["train_list"] + (["val_list"] if cfg.train.eval_every > 0 else [])
+        problems, warnings = preflight_problems(cfg, torch.cuda.is_available(), resuming, lists)
+        for warning in warnings:
+            console.print(f"[yellow]warning: {warning}")
+        error = join_problems(problems, "preflight") if problems else ""
+        if not problems:
+            for stale in remove_stale_checkpoint_temps(cfg.train.out_dir):
                 console.print(f"removed {stale.name} (temp file of an interrupted checkpoint write)")
-        except ValueError as e:  # PreflightError, ListFileError
-            error = str(e)
     errors = [e for e in all_gather_objects(error) if e]
     if errors:
         raise PreflightError(errors[0])
@@ -520,12 +522,14 @@ def main(argv: list[str] | None = None) -> int:
     # train()'s StopRequest takes over: a checkpoint at the next step on every rank, then rc 0
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        cfg = load_config(args.config, overrides)
-        if args.print_config:
-            print(dump_yaml(cfg), end="")
+        if args.print_config:  # the resolved tree, each non-default value with the file that set it
+            print(print_config_text(args.config, overrides), end="")
             return 0
-        train(cfg, args.resume)
+        train(load_config(args.config, overrides), args.resume)
         return 0
+    except ConfigError as e:  # with the preflight's findings in the rest of the config: one block
+        print(f"error: {with_preflight_findings(e, torch.cuda.is_available())}", file=sys.stderr)
+        return 2
     except USER_ERRORS as e:
         # rank 0's preflight finding stops every rank: one of them says it
         if not (isinstance(e, PreflightError) and os.environ.get("RANK", "0") != "0"):
