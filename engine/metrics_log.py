@@ -1,9 +1,11 @@
 """What a run leaves behind besides checkpoints: its provenance (code, library and device versions) and
-metrics.jsonl (one JSON record per line; TensorBoard too when it is installed). Rank 0 only."""
+metrics.jsonl (one JSON record per line; TensorBoard too when it is installed: `pip install -e .[tb]`,
+and a run without it says so once). Rank 0 only."""
 
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import socket
 import subprocess
@@ -17,6 +19,9 @@ import torch
 
 from engine.distributed import DistInfo
 from engine.fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
+TB_OFF = "TensorBoard is off (not installed): `pip install -e .[tb]` to log there too (metrics.jsonl has all)"
 
 
 def provenance(info: DistInfo) -> dict:
@@ -56,6 +61,17 @@ def provenance(info: DistInfo) -> dict:
     }
 
 
+_tb_off_said = False
+
+
+def _say_tb_off_once() -> None:
+    """One warning per process, not one per run folder (demo.py and tests start several runs)."""
+    global _tb_off_said
+    if not _tb_off_said:
+        _tb_off_said = True
+        log.warning(TB_OFF)
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, flushed) and TensorBoard when it is installed."""
 
@@ -70,6 +86,7 @@ class MetricsLog:
             self.tb = SummaryWriter(str(out_dir / "tb"))
         except ImportError:
             self.tb = None
+            _say_tb_off_once()
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run redoes the steps after its checkpoint: drop their old records (atomically)."""
