@@ -17,10 +17,8 @@ the exit status is 0 when any video was scored, 2 when none (or on a usage error
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from engine.config import exit_if_help
@@ -70,9 +68,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from engine.channels_last import model_channels_last
-from engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights, run_checkpoint
-from engine.config import Config, ConfigError, apply_overrides, from_dict, load_config, parse_views, split_cli
+from engine import inference
+from engine.checkpoint import CheckpointError, load_checkpoint, run_checkpoint
+from engine.config import Config, ConfigError, parse_views, split_cli
 from engine.inference import (
     OUT_FORMATS,
     VideoResult,
@@ -88,31 +86,11 @@ log = logging.getLogger("predict")
 
 
 def resolve_config(args: argparse.Namespace, ckpt: dict, overrides: list[str]) -> Config:
-    """--config when given, else the checkpoint's stored training config; overrides apply to either."""
+    """--config when given, else the checkpoint's stored training config; --views and overrides apply."""
     if args.views:
         crops, clips = parse_views(args.views)
         overrides = [*overrides, f"--eval.spatial_crops={crops}", f"--eval.temporal_clips={clips}"]
-    if args.config:
-        return load_config(args.config, overrides)
-    if "config" not in ckpt:
-        raise ConfigError(
-            f"{args.checkpoint} stores no config (a models.convert output?): name the recipe with --config"
-        )
-    try:
-        return from_dict(apply_overrides(copy.deepcopy(ckpt["config"]), overrides))
-    except ConfigError as e:
-        raise ConfigError(f"{args.checkpoint} (stored config): {e}") from None
-
-
-def pick_device(cfg: Config, console: Console) -> tuple[Config, torch.device, int | None]:
-    """NVDEC and the GPU when the config asks for them and one is here; otherwise the PyAV CPU route,
-    which reads every codec (DALI's CPU decoder reads only VP8/VP9/MJPEG)."""
-    if cfg.data.device == "gpu" and torch.cuda.is_available():
-        device_id = torch.cuda.current_device()
-        return cfg, torch.device("cuda", device_id), device_id
-    if cfg.data.device == "gpu":
-        console.print("no CUDA device here: decoding with PyAV and scoring on the CPU (data.device=cpu)")
-    return replace(cfg, data=replace(cfg.data, device="cpu", cpu_decoder="pyav")), torch.device("cpu"), None
+    return inference.resolve_config(args.checkpoint, ckpt, args.config, overrides)
 
 
 def probe_all(paths: list[Path], console: Console) -> list[VideoResult]:
@@ -155,21 +133,15 @@ def predict(args: argparse.Namespace, overrides: list[str]) -> int:
     console.print(f"checkpoint {path} ({why})", markup=False)
     ckpt = load_checkpoint(path)
     cfg = resolve_config(args, ckpt, overrides)
-    cfg, device, device_id = pick_device(cfg, console)
+    cfg, device, device_id = inference.pick_device(cfg, console.print)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     views = cfg.eval.resolved(cfg.data.sampling)
     names = read_class_names(cfg.model.num_classes, args.classes, cfg)
     amp = args.amp or cfg.train.amp
 
-    from models import build_model
-
-    model = build_model(replace(cfg.model, pretrained=""))  # the checkpoint brings all weights
-    load_model_weights(model, ckpt, args.checkpoint, args.weights)
+    model = inference.inference_model(cfg, ckpt, args.checkpoint, args.weights, device)
     del ckpt
-    model.to(device)
-    if cfg.train.channels_last:
-        model = model_channels_last(model)
 
     results = probe_all(paths, console)
     todo = [r for r in results if not r.error]

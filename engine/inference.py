@@ -1,5 +1,6 @@
 """Prediction on videos that are in no list: find them, count their frames, score them through the test
-pipeline, turn the fused scores into top-k labels and write them out. predict.py is the command line.
+pipeline, turn the fused scores into top-k labels and write them out. predict.py is the command line;
+`Predictor` is the same for one's own Python code (`Predictor(checkpoint)(video) -> top-k`).
 
 The videos go through the same path as a test run: a temporary list ("path frames 0" lines, the frame
 counts probed here with prep.probe), dali_pipes' test loader and engine.scoring.evaluate_model, so a
@@ -10,6 +11,7 @@ the loader through data.skip_bad (the loader drops them; their ids are missing f
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import tempfile
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from engine.config import Config, ConfigError, EvalConfig
@@ -168,3 +171,120 @@ def write_predictions(out: str | Path, results: list[VideoResult], meta: dict) -
                 w.writerow([r.path, r.frames, rank, c, name, f"{p:.6f}", ""])
 
     return atomic_write(out, rows, binary=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# From a checkpoint to a scoring model: shared by `python -m predict` and `Predictor`
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_config(checkpoint: str, ckpt: dict, config: str | None, overrides: list[str]) -> Config:
+    """`config` when given, else the checkpoint's stored training config; overrides apply to either."""
+    from engine.config import apply_overrides, from_dict, load_config
+
+    if config:
+        return load_config(config, overrides)
+    if "config" not in ckpt:
+        raise ConfigError(
+            f"{checkpoint} stores no config (a models.convert output?): name the recipe with --config"
+        )
+    try:
+        return from_dict(apply_overrides(copy.deepcopy(ckpt["config"]), overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{checkpoint} (stored config): {e}") from None
+
+
+def pick_device(cfg: Config, say: Callable[[str], None]) -> tuple[Config, torch.device, int | None]:
+    """NVDEC and the GPU when the config asks for them and one is here; otherwise the PyAV CPU route,
+    which reads every codec (DALI's CPU decoder reads only VP8/VP9/MJPEG)."""
+    if cfg.data.device == "gpu" and torch.cuda.is_available():
+        device_id = torch.cuda.current_device()
+        return cfg, torch.device("cuda", device_id), device_id
+    if cfg.data.device == "gpu":
+        say("no CUDA device here: decoding with PyAV and scoring on the CPU (data.device=cpu)")
+    return replace(cfg, data=replace(cfg.data, device="cpu", cpu_decoder="pyav")), torch.device("cpu"), None
+
+
+def inference_model(
+    cfg: Config, ckpt: dict, checkpoint: str, weights: str, device: torch.device
+) -> nn.Module:
+    """The configured network with the checkpoint's `weights` ("model" or "ema"), strict, on `device`."""
+    from engine.channels_last import model_channels_last
+    from engine.checkpoint import load_model_weights
+    from models import build_model
+
+    model = build_model(replace(cfg.model, pretrained=""))  # the checkpoint brings all weights
+    load_model_weights(model, ckpt, checkpoint, weights)
+    model.to(device)
+    return model_channels_last(model) if cfg.train.channels_last else model
+
+
+class Predictor:
+    """Top-k labels for videos from one's own code, through the same path as `python -m predict`:
+
+        from engine.inference import Predictor
+        p = Predictor("runs/tsm_k400")           # a run folder (its ckpt_best.pt, else newest) or a file
+        p("clip.mp4")                            # -> [(class id, class name, probability), ...], top 5
+        p.predict(["a.mp4", "b.mp4"])            # -> [VideoResult], unreadable videos with their error
+
+    The model and config load once; each call probes the videos' frame counts and scores them through the
+    test pipeline of the config (its eval: views, or `views="3x10"`). A video that cannot be read raises
+    ValueError from `__call__` (naming it) and is an error result from `predict`."""
+
+    def __init__(
+        self, checkpoint: str | Path, config: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+        views: str | None = None, topk: int = 5, classes: str = "", weights: str = "model",
+        amp: str | None = None, say: Callable[[str], None] = lambda text: None,
+    ) -> None:  # fmt: skip
+        from engine.checkpoint import load_checkpoint, run_checkpoint
+        from engine.config import parse_views
+        from engine.reports import read_class_names
+
+        if topk < 1:
+            raise ConfigError(f"topk: must be >= 1, got {topk}")
+        path, why = run_checkpoint(checkpoint)
+        self.checkpoint = str(path)
+        say(f"checkpoint {path} ({why})")
+        overrides = list(overrides)
+        if views:
+            crops, clips = parse_views(views)
+            overrides += [f"--eval.spatial_crops={crops}", f"--eval.temporal_clips={clips}"]
+        ckpt = load_checkpoint(path)
+        cfg = resolve_config(self.checkpoint, ckpt, config, overrides)
+        self.cfg, self.device, self.device_id = pick_device(cfg, say)
+        if self.cfg.train.threads > 0:
+            torch.set_num_threads(self.cfg.train.threads)
+        self.views = self.cfg.eval.resolved(self.cfg.data.sampling)
+        self.names = read_class_names(self.cfg.model.num_classes, classes, self.cfg)
+        self.amp = amp or self.cfg.train.amp
+        self.topk = topk
+        self.model = inference_model(self.cfg, ckpt, self.checkpoint, weights, self.device)
+
+    def predict(
+        self, videos: Iterable[str | Path], on_done: Callable[[list[int]], None] = lambda ids: None
+    ) -> list[VideoResult]:
+        """A result per video, in order: its frames and top-k, or the error that skipped it."""
+        results = []
+        for video in videos:
+            try:
+                frames, note = probe_frames(Path(video))
+                results.append(VideoResult(str(video), frames, note=note))
+            except ValueError as e:
+                results.append(VideoResult(str(video), error=str(e)))
+        todo = [r for r in results if not r.error]
+        if not todo:
+            return results
+        frames = [(Path(r.path), r.frames) for r in todo]
+        probs = score_videos(self.model, self.cfg, frames, self.views, self.amp, self.device_id, on_done)
+        for i, r in enumerate(todo):
+            if i in probs:
+                r.topk = top_k(probs[i], self.names, self.topk)
+            else:
+                r.error = "could not be decoded by the test pipeline (see the warning above)"
+        return results
+
+    def __call__(self, video: str | Path) -> list[tuple[int, str, float]]:
+        (result,) = self.predict([video])
+        if result.error:
+            raise ValueError(f"{video}: {result.error}")
+        return result.topk

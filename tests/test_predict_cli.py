@@ -215,3 +215,27 @@ def test_gpu_route_predicts_as_the_cpu_route(setup, tmp_path):
         gpu = {t["class_id"]: t["probability"] for t in results["gpu"][name]}
         cpu = {t["class_id"]: t["probability"] for t in cpu_topk}
         np.testing.assert_allclose([gpu[c] for c in range(3)], [cpu[c] for c in range(3)], atol=0.02)
+
+
+def test_predictor_api_matches_the_command(setup, tmp_path):
+    """engine.inference.Predictor: one model load, then top-k per video, the command's numbers; the run
+    folder resolves as in the command (no ckpt_best.pt here: the newest), named in --out's meta."""
+    from engine.inference import Predictor
+
+    out = tmp_path / "p.json"
+    video = setup["folder"] / "grow.webm"
+    argv = [str(setup["ckpt"].parent), str(video), "--views", "3x2", "--topk", "3", "--out", str(out)]
+    assert predict.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["checkpoint"] == str(setup["ckpt"])
+    said: list[str] = []
+    p = Predictor(setup["ckpt"].parent, views="3x2", topk=3, say=said.append)
+    got = p(video)
+    expected = doc["videos"][0]["topk"]
+    assert [(c, n) for c, n, _ in got] == [(t["class_id"], t["class"]) for t in expected]
+    np.testing.assert_allclose([x for _, _, x in got], [t["probability"] for t in expected], atol=1e-6)
+    assert said[0] == f"checkpoint {setup['ckpt']} (the run's newest (no ckpt_best.pt))"
+    results = p.predict([video, setup["folder"] / "broken.webm"])
+    assert results[0].topk == got and results[1].error and not results[1].topk
+    with pytest.raises(ValueError, match="broken.webm"):
+        p(setup["folder"] / "broken.webm")
