@@ -66,9 +66,17 @@ if __name__ == "__main__":
 import numpy as np
 import torch.distributed as dist
 
+from dali_pipes.fingerprint import describe, differs, run_fingerprints
 from dali_pipes.source import ClipLoadError
 from engine.channels_last import model_channels_last
-from engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights, run_checkpoint
+from engine.checkpoint import (
+    MODEL_IDENTITY,
+    CheckpointError,
+    check_model_config,
+    load_checkpoint,
+    load_model_weights,
+    run_checkpoint,
+)
 from engine.config import (
     Config,
     ConfigError,
@@ -141,40 +149,11 @@ def resolve_config(config_path: str | None, ckpt: dict, ckpt_path: str, override
     return build_config(copy.deepcopy(ckpt["config"]), overrides, f"{ckpt_path} (stored config)")
 
 
-# The fields that decide which network a checkpoint's weights belong to (not dropout, not pretrained).
-MODEL_IDENTITY = ("name", "depth", "num_classes", "num_segments", "debug")
-
-
-def stored_model_config(ckpt: dict) -> dict:
-    """The model fields a checkpoint records: train.py's stored config, or a models.convert output's meta."""
-    config = ckpt.get("config")
-    if isinstance(config, dict) and isinstance(config.get("model"), dict):
-        return config["model"]
-    meta = ckpt.get("meta")
-    if isinstance(meta, dict) and "model" in meta:
-        stored = {k: meta[k] for k in ("depth", "num_classes", "num_segments") if k in meta}
-        return {"name": meta["model"], **stored}
-    return {}
-
-
-def check_model_config(cfg: Config, ckpt: dict, ckpt_path: str, allow: bool) -> None:
-    """Refuse a checkpoint trained as another model than the configured one, even when its weights happen
-    to fit (a tsn config on a tsm checkpoint loads, and scores without the shift), unless `allow`."""
-    stored = stored_model_config(ckpt)
-    diffs = [
-        f"model.{key} {stored[key]!r} in the checkpoint, {getattr(cfg.model, key)!r} configured"
-        for key in MODEL_IDENTITY
-        if key in stored and stored[key] != getattr(cfg.model, key)
-    ]
-    if not diffs:
-        return
-    if allow:
-        log.warning("%s: evaluating despite a model config mismatch: %s", ckpt_path, "; ".join(diffs))
-        return
-    raise ConfigError(
-        f"{ckpt_path} was trained as another model: {'; '.join(diffs)}. Fix CONFIG or the overrides "
-        "(without CONFIG, the checkpoint's own config is used), or pass --allow-config-mismatch"
-    )
+# Fix for a checkpoint trained as another model (engine.checkpoint.check_model_config refuses it).
+CONFIG_MISMATCH_FIX = (
+    "Fix CONFIG or the overrides (without CONFIG, the checkpoint's own config is used), "
+    "or pass --allow-config-mismatch"
+)
 
 
 def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -196,7 +175,7 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
             print(f"checkpoint {path} ({why})")
         ckpt = load_checkpoint(args.checkpoint)
         cfg = resolve_config(args.config, ckpt, args.checkpoint, overrides)
-        check_model_config(cfg, ckpt, args.checkpoint, args.allow_config_mismatch)
+        check_model_config(cfg.model, ckpt, args.checkpoint, CONFIG_MISMATCH_FIX, args.allow_config_mismatch)
         views = cfg.eval.resolved(cfg.data.sampling)
         if cfg.data.device == "gpu" and info.device.type != "cuda":
             raise ConfigError("data.device: 'gpu' but CUDA is not available here; pass --data.device=cpu")
@@ -209,6 +188,7 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
 
         model = build_model(replace(cfg.model, pretrained=""))  # the checkpoint brings all weights
         load_model_weights(model, ckpt, args.checkpoint, args.weights)
+        validated = ckpt.get("dataset", {}).get("val")  # train.py's fingerprint of its val list
         del ckpt
         model.to(info.device)
         if cfg.train.channels_last:
@@ -221,7 +201,9 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
             progress=progress_printer(lines, info.world_size) if info.is_main else None,
         )  # fmt: skip
         if info.is_main:
-            report_checkpoint_result(args, cfg, views, result, amp, info.world_size, loader, out, identity)
+            dataset = run_fingerprints(replace(cfg.data, train_list=""), views).get("val", {})
+            report_checkpoint_result(args, cfg, views, result, amp, info.world_size, loader, out, identity,
+                                     dataset, validated)  # fmt: skip
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -308,7 +290,7 @@ def list_paths(cfg: Config, ids: np.ndarray) -> np.ndarray:
 
 def report_checkpoint_result(
     args: argparse.Namespace, cfg: Config, views: EvalConfig, result: EvalResult, amp: str, world: int,
-    loader, out: Path, identity: dict,
+    loader, out: Path, identity: dict, dataset: dict | None = None, validated: dict | None = None,
 ) -> None:  # fmt: skip
     """Rank 0: score dump, reports next to it, and the table."""
     if result.metrics["videos"] != loader.num_videos:
@@ -324,6 +306,7 @@ def report_checkpoint_result(
     meta = {
         "views": view_name, "temporal_mode": views.temporal_mode, "full_res": views.full_res,
         "fuse": views.fuse, "amp": amp, "world_size": world, "checkpoint": str(ckpt), "weights": args.weights,
+        "dataset": dataset or {},
     }  # fmt: skip
     save_dump(
         out, result.ids, result.labels, class_names, view_logits=result.view_logits,
@@ -338,6 +321,11 @@ def report_checkpoint_result(
     ]
     print_table(head + metric_rows(result.metrics), title)
     print(f"wrote {out} (+ .metrics.json, .per_class.csv, .confusion.csv, .confusion.png)")
+    if dataset:
+        print(describe("scored", dataset))
+        note = differs(dataset, validated)
+        if note:
+            print(f"note: {note}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dali_pipes.fingerprint import describe
 from engine import inference
 from engine.checkpoint import CheckpointError, load_checkpoint, run_checkpoint
 from engine.config import Config, ConfigError, parse_views, split_cli
@@ -141,6 +142,7 @@ def predict(args: argparse.Namespace, overrides: list[str]) -> int:
     amp = args.amp or cfg.train.amp
 
     model = inference.inference_model(cfg, ckpt, args.checkpoint, args.weights, device)
+    trained_on = ckpt.get("dataset", {})  # train.py's dataset fingerprints (none in a converted checkpoint)
     del ckpt
 
     results = probe_all(paths, console)
@@ -181,11 +183,13 @@ def predict(args: argparse.Namespace, overrides: list[str]) -> int:
         f"{scored} of {len(results)} video(s) scored"
         + (f", {len(results) - scored} skipped" if scored < len(results) else "")
     )
+    for name, fp in trained_on.items():
+        console.print(f"model {describe(name, fp)}", markup=False)
     if args.out:
         meta = {
             "checkpoint": str(args.checkpoint), "model": cfg.model.name,
             "views": f"{views.spatial_crops}x{views.temporal_clips}", "temporal_mode": views.temporal_mode,
-            "fuse": views.fuse, "amp": amp, "device": device.type,
+            "fuse": views.fuse, "amp": amp, "device": device.type, "dataset": trained_on,
         }  # fmt: skip
         console.print(f"wrote {write_predictions(args.out, results, meta)}")
     return 0 if scored else 2

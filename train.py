@@ -49,11 +49,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dali_pipes.fingerprint import describe, run_fingerprints
 from dali_pipes.source import ClipLoadError
 from engine.channels_last import model_channels_last
 from engine.checkpoint import (
     BestTracker,
     CheckpointError,
+    check_resumable,
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
@@ -127,6 +129,7 @@ class Run:
     skipped_samples: int = 0  # unreadable samples replaced (data.skip_bad), summed over ranks
     stop: StopRequest = field(default_factory=StopRequest)
     best: BestTracker = field(default_factory=BestTracker)
+    dataset: dict = field(default_factory=dict)  # fingerprints of the train/val lists (rank 0)
 
 
 def train(cfg: Config, resume: str = "") -> dict:
@@ -300,17 +303,18 @@ def setup_process(cfg: Config) -> DistInfo:
 
 def preflight(cfg: Config, info: DistInfo, console: Console, resuming: bool) -> None:
     """Before any heavy work, on rank 0, every finding at once (engine.preflight.preflight_problems: CUDA
-    for data.device gpu, model.pretrained, lists and labels, train.out_dir writable, num_classes vs the
-    data), then temp files of interrupted checkpoint writes removed. Every rank stops on rank 0's
-    findings (no rank is left waiting in a collective for a peer that quit)."""
+    for data.device gpu, model.pretrained, lists and labels, train.out_dir writable; a warning when the
+    training list's class count differs from model.num_classes), then temp files of interrupted
+    checkpoint writes removed. Every rank stops on rank 0's findings (no rank is left waiting in a
+    collective for a peer that quit)."""
     error = ""
     if info.is_main:
         lists = ["train_list"] + (["val_list"] if cfg.train.eval_every > 0 else [])
         problems, warnings = preflight_problems(cfg, torch.cuda.is_available(), resuming, lists)
-        for warning in warnings:
-            console.print(f"[yellow]warning: {warning}")
         error = join_problems(problems, "preflight") if problems else ""
-        if not problems:
+        if not problems:  # warnings only for a run that starts
+            for warning in warnings:
+                console.print(f"warning: {warning}", style="yellow", markup=False)
             for stale in remove_stale_checkpoint_temps(cfg.train.out_dir):
                 console.print(f"removed {stale.name} (temp file of an interrupted checkpoint write)")
     errors = [e for e in all_gather_objects(error) if e]
@@ -340,6 +344,7 @@ def resolve_resume(resume: str, out_dir: Path) -> Path | None:
 def restore(run: Run, path: Path) -> tuple[int, int, dict]:
     """Load a checkpoint into the run; returns (epoch, batch in that epoch, loader state) to continue at."""
     state = load_checkpoint(path, map_location=run.info.device)
+    check_resumable(state, path, run.cfg.model)  # a train.py checkpoint of the configured model
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -386,7 +391,9 @@ def start_log(run: Run, ckpt_path: Path | None, schedule: str) -> None:
     run.metrics = MetricsLog(run.out_dir, resume_step=run.step if ckpt_path else None)
     prov = provenance(run.info)
     resumed_from = str(ckpt_path or "")
-    run.metrics.write("start", run.step, provenance=prov, config=to_dict(cfg), resumed_from=resumed_from)
+    run.dataset = run_fingerprints(cfg.data, cfg.eval)
+    run.metrics.write("start", run.step, provenance=prov, config=to_dict(cfg), resumed_from=resumed_from,
+                      dataset=run.dataset)  # fmt: skip
     n_all = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dirty = " (dirty)" if prov["git_dirty"] else ""
@@ -399,6 +406,8 @@ def start_log(run: Run, ckpt_path: Path | None, schedule: str) -> None:
         f"{cfg.model.name}: {n_trainable:,} trainable / {n_all:,} params; groups {groups}; {schedule} x "
         f"{cfg.train.epochs} epochs, amp {cfg.train.amp}"
     )
+    for name, fp in run.dataset.items():
+        run.console.print(describe(name, fp), markup=False)
 
 
 def log_train(run: Run, task: int, i: int, n_batches: int) -> None:
@@ -457,6 +466,7 @@ def save(run: Run, next_epoch: int, batch_in_epoch: int) -> Path | None:
         "config": to_dict(run.cfg),
         "ema": run.ema.state_dict() if run.ema is not None else None,
         "best": run.best.state_dict(),
+        "dataset": run.dataset,
     }
     run.last_ckpt = save_checkpoint(run.out_dir / checkpoint_name(next_epoch, run.step), state)
     prune_checkpoints(run.out_dir, run.cfg.train.keep_ckpts)

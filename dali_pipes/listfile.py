@@ -7,10 +7,12 @@ and prep.validate (`parse_list`, which reports every bad line and keeps the good
 - UTF-8 text; a byte-order mark at the start is ignored, CRLF line endings are accepted.
 - Blank lines and comment lines (first non-blank character `#`) are skipped; they still count in
   line numbers. A `#` later in a line is part of the path.
-- The last two whitespace-separated fields are num_frames (>= 1) and label (>= 0, below the class
-  count when one is known), plain ASCII digits; everything before them is the path, which may hold
-  spaces. A line whose path ends in a separate number field (`a.webm 10 0 3`) has too many fields.
-- Each file once: a path listed again (after joining to the root) is a duplicate line.
+- The last two whitespace-separated fields are num_frames (1 .. 2**31 - 1) and label (>= 0, below the
+  class count when one is known), plain ASCII digits; everything before them is the path, which may hold
+  spaces (not a NUL byte). A line whose path ends in a separate number field (`a.webm 10 0 3`) has too
+  many fields.
+- Each file once: a path listed again (after joining to the root; a symbolic or hard link to a listed
+  file is the same file) is a duplicate line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MALFORMED = "malformed line"
+# num_frames and label above this are typos (2**31 - 1 frames: two years at 30 fps); bounding them keeps
+# the sampler's and DALI's int32/int64 arithmetic from overflowing into a traceback
+MAX_COUNT = 2**31 - 1
 DUPLICATE = "duplicate line"
 
 
@@ -78,9 +83,36 @@ def _parse_line(text: str, num_classes: int | None) -> tuple[str, int, int] | st
         return f"num_frames and label must be integers >= 0, got {shown!r}"
     if int(frames) < 1:
         return f"num_frames must be >= 1, got {frames}"
+    if int(frames) > MAX_COUNT or int(label) > MAX_COUNT:
+        return f"num_frames and label must be at most {MAX_COUNT}, got {shown!r}"
+    if "\0" in rel:
+        return f"the path holds a NUL byte, which no file name can: {rel!r}"
     if num_classes is not None and int(label) >= num_classes:
         return f"label {label} is out of range: there are {num_classes} classes (0..{num_classes - 1})"
     return rel, int(frames), int(label)
+
+
+def file_identity(path: str) -> object:
+    """What makes two list paths one file: (device, inode) when it exists, so a symbolic or hard link to a
+    listed file is a duplicate (one stat, cheaper than resolving every component); else the normalised
+    path (a missing file listed twice is still a duplicate)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # missing, unreadable, or a NUL byte
+        return os.path.normpath(path)
+    return st.st_dev, st.st_ino
+
+
+def format_line(rel: str, num_frames: int, label: int) -> str:
+    """The list line for one sample; ValueError (why) when this parser would not read the same path back
+    (a path ending in ` <number>` such as a folder "take 2", blanks at either end, a line break, a
+    leading `#`): a list tool must never write a line its own loader refuses."""
+    line = f"{rel} {num_frames} {label}"
+    parsed = _parse_line(line, None) if "\n" not in line and "\r" not in line else "it holds a line break"
+    if isinstance(parsed, str) or rel.startswith("#") or parsed[0] != rel:
+        why = parsed if isinstance(parsed, str) else "blanks at its ends or a leading '#' would be lost"
+        raise ValueError(f"the list line for {rel!r} would not read back ({why}): rename it")
+    return line
 
 
 def parse_list(
@@ -100,7 +132,7 @@ def parse_list(
         data = data[3:]
     entries: list[Entry] = []
     problems: list[LineProblem] = []
-    seen: dict[str, int] = {}
+    seen: dict[object, tuple[int, str]] = {}  # file identity -> (line, path as joined)
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         try:
             text = raw.decode("utf-8").rstrip("\r")
@@ -116,12 +148,16 @@ def parse_list(
             continue
         rel, num_frames, label = parsed
         path = str(base / rel)
-        key = os.path.normpath(path)
+        key = file_identity(path)
         if key in seen:
-            why = f"{rel} is already listed on line {seen[key]} (each sample once)"
+            first, first_path = seen[key]
+            if os.path.normpath(first_path) == os.path.normpath(path):
+                why = f"{rel} is already listed on line {first} (each sample once)"
+            else:
+                why = f"{rel} is the same file as line {first} ({first_path}) through a link"
             problems.append(LineProblem(str(list_path), lineno, DUPLICATE, why))
             continue
-        seen[key] = lineno
+        seen[key] = (lineno, path)
         entries.append(Entry(path, num_frames, label, lineno, str(list_path), rel, line))
     return entries, problems
 

@@ -75,6 +75,7 @@ class ClipLoader:
         world_size: int = 1,
         views: EvalConfig | None = None,
         device_id: int | None = None,
+        rotate: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -112,7 +113,7 @@ class ClipLoader:
             entries=entries, kind=kind, split=mode, sampling=self.sampling, spatial=spatial,
             seed=data.seed, rank=rank, world=world_size, batch=self.batch, uneven=data.uneven,
             skip_bad=data.skip_bad, frame_template=data.frame_template, frame_start=data.frame_start,
-            device=data.device, trim=data.trim == "on", index=index,
+            device=data.device, trim=data.trim == "on", index=index, rotate=rotate,
         )  # fmt: skip
         self.num_videos = len(entries)
         self.num_crops = spatial.spatial_crops
@@ -341,9 +342,11 @@ def build_loader(
     world_size: int = 1,
     views: EvalConfig | None = None,
     device_id: int | None = None,
+    rotate: bool = False,
 ) -> ClipLoader:
-    """The contract's entry point: a ClipLoader for `mode` (train | val | test) on this rank."""
-    return ClipLoader(data_cfg, mode, rank, world_size, views, device_id)
+    """The contract's entry point: a ClipLoader for `mode` (train | val | test) on this rank. `rotate`
+    (predict only): the PyAV route turns rotated videos upright instead of refusing them."""
+    return ClipLoader(data_cfg, mode, rank, world_size, views, device_id, rotate)
 
 
 __all__ = ["ClipLoader", "ClipLoadError", "build_loader"]

@@ -1,9 +1,10 @@
 """One persistent packet index per video: built once by demuxing (no decoding), shared by every worker.
 
 Per video: every packet of the first video stream in decode order (pts, dts, byte offset of the
-payload in the file, size, keyframe / disposable / discard flags) plus stream facts (codec, size,
-time base, codec extradata). The loader reads frame pts and keyframes from it (PyAV route)
-and `trim` reads only the byte ranges it needs (DALI decoder route), so no sample demuxes a file.
+payload in the file, size, keyframe / disposable / discard / recovery flags, payload CRC-32)
+plus stream facts (codec, size, time base, codec extradata). The loader reads frame pts and keyframes
+from it (PyAV route) and `trim` reads only the byte ranges it needs (DALI decoder route), so no sample
+demuxes a file.
 
 The index of a list lives beside it, `LIST.index`: a file of consecutive .npy records that every
 process memory-maps (forked or spawned workers share the page cache; nothing is pickled or copied).
@@ -19,6 +20,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,18 +30,23 @@ import numpy as np
 
 from engine.fileio import atomic_write
 
-from .video_io import VideoIndex, VideoReadError, first_frame_rotation
+from .video_io import DISCARD, DISPOSABLE, KEY, RECOVERY, VideoIndex, VideoReadError, first_frame_rotation
 
 log = logging.getLogger(__name__)
 
-KEY, DISPOSABLE, DISCARD = 1, 2, 4  # packet flags
-PACKET = np.dtype([("pts", "<i8"), ("dts", "<i8"), ("offset", "<i8"), ("size", "<i4"), ("flags", "u1")])
+# packet flags (KEY, DISPOSABLE, DISCARD, RECOVERY: defined in video_io). DISPOSABLE: a picture no other
+# frame references (the container's flag, or for H.264/HEVC read from the NAL headers, as FFmpeg's
+# skip_frame=NONREF decides); RECOVERY: the container calls it a keyframe but it is no decoder refresh
+# (an open-GOP / recovery-point I-frame: decoding cannot start there).
+# crc: CRC-32 of the payload, so the index's digest (dataset fingerprint) changes with any payload byte
+PACKET = np.dtype([("pts", "<i8"), ("dts", "<i8"), ("offset", "<i8"), ("size", "<i4"), ("flags", "u1"),
+                   ("crc", "<u4")])  # fmt: skip
 META = np.dtype([
     ("file_size", "<i8"), ("mtime_ns", "<i8"), ("first", "<i8"), ("count", "<i8"), ("width", "<i4"),
     ("height", "<i4"), ("tb_num", "<i8"), ("tb_den", "<i8"), ("codec", "S16"),
     ("extra_first", "<i8"), ("extra_len", "<i8"), ("rotation", "<i2"),
 ])  # fmt: skip
-FORMAT = 4  # bumped when the layout or meaning of the records changes; other formats are rebuilt
+FORMAT = 5  # bumped when the layout or meaning of the records changes; other formats are rebuilt
 PARALLEL_FROM = 64  # entries to build before update() starts a process pool
 NO_OFFSET = -1  # payload not found verbatim in the file (e.g. Matroska header stripping): no trimming
 
@@ -54,6 +61,13 @@ def cache_path_for(index_file: str | Path) -> Path:
     digest = hashlib.sha1(resolved.encode("utf-8")).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "vidrec" / "packet_index" / f"{digest}-{Path(resolved).name}"
+
+
+def not_a_file(path: str) -> str:
+    """Why `path` (not a regular file) cannot be a video: missing, a folder, or something else."""
+    if os.path.isdir(path):
+        return "is a directory, not a video file"
+    return "file not found" if not os.path.exists(path) else "not a regular file (a pipe or device?)"
 
 
 def file_stamp(path: str) -> tuple[int, int]:
@@ -82,8 +96,8 @@ def _nal_length_size(codec: str, extradata: bytes) -> int | None:
     return None
 
 
-def _nal_types(payload: bytes, codec: str, nal_length: int) -> list[int]:
-    """The NAL unit types in one H.264/HEVC packet (length-prefixed or Annex B)."""
+def _nal_heads(payload: bytes, nal_length: int) -> list[int]:
+    """The first header byte of every NAL unit in one H.264/HEVC packet (length-prefixed or Annex B)."""
     heads = []
     if nal_length:
         at = 0
@@ -96,7 +110,23 @@ def _nal_types(payload: bytes, codec: str, nal_length: int) -> list[int]:
         while 0 <= at < len(payload) - 3:
             heads.append(payload[at + 3])
             at = payload.find(b"\x00\x00\x01", at + 3)
-    return [h & 0x1F if codec == "h264" else (h >> 1) & 0x3F for h in heads]
+    return heads
+
+
+def _nal_types(payload: bytes, codec: str, nal_length: int) -> list[int]:
+    """The NAL unit types in one H.264/HEVC packet."""
+    return [h & 0x1F if codec == "h264" else (h >> 1) & 0x3F for h in _nal_heads(payload, nal_length)]
+
+
+def _is_nonref(payload: bytes, codec: str, nal_length: int) -> bool:
+    """Whether no other picture references this one: H.264 slices with nal_ref_idc 0, HEVC sub-layer
+    non-reference slice types (TRAIL_N, TSA_N, ...: even types below 16); what skip_frame=NONREF drops."""
+    heads = _nal_heads(payload, nal_length)
+    if codec == "h264":
+        slices = [h for h in heads if 1 <= (h & 0x1F) <= 5]
+        return bool(slices) and all((h >> 5) & 3 == 0 for h in slices)
+    slices = [(h >> 1) & 0x3F for h in heads if (h >> 1) & 0x3F < 32]
+    return bool(slices) and all(t < 16 and t % 2 == 0 for t in slices)
 
 
 def _is_refresh(payload: bytes, codec: str, nal_length: int) -> bool:
@@ -108,8 +138,8 @@ def _is_refresh(payload: bytes, codec: str, nal_length: int) -> bool:
 
 def build_video_index(path: str) -> VideoIndex:
     """Demux every packet of the first video stream (no decoding) into a full VideoIndex."""
-    if not os.path.exists(path):
-        raise VideoReadError(f"{path}: file not found")
+    if not os.path.isfile(path):
+        raise VideoReadError(f"{path}: {not_a_file(path)}")
     if os.path.getsize(path) == 0:
         raise VideoReadError(f"{path}: file is empty")
     with open(path, "rb") as f:
@@ -135,11 +165,14 @@ def build_video_index(path: str) -> VideoIndex:
                     )
                 payload = bytes(packet)
                 key = packet.is_keyframe and (nal_length is None or _is_refresh(payload, codec, nal_length))
-                flags = (KEY if key else 0) | (DISPOSABLE if packet.is_disposable else 0)
+                nonref = nal_length is not None and _is_nonref(payload, codec, nal_length)
+                nonref = nonref or packet.is_disposable
+                flags = (KEY if key else 0) | (DISPOSABLE if nonref else 0)
+                flags |= RECOVERY if packet.is_keyframe and not key else 0
                 flags |= DISCARD if packet.is_discard else 0
                 dts = packet.dts if packet.dts is not None else packet.pts
                 offset = _payload_offset(data, packet.pos if packet.pos is not None else -1, payload)
-                rows.append((packet.pts, dts, offset, packet.size, flags))
+                rows.append((packet.pts, dts, offset, packet.size, flags, zlib.crc32(payload)))
         except VideoReadError:
             raise
         except Exception as e:
@@ -167,6 +200,20 @@ def _assemble(packets: np.ndarray, width: int, height: int, codec: str, time_bas
         pts.tolist(), keyframes, width, height, codec, time_base=time_base, extradata=extradata,
         packets=packets, frame_packet=frame_packet,
     )  # fmt: skip
+
+
+def digest(codec: str, size: tuple[int, int], time_base: tuple[int, int], extradata: bytes,
+           packets: np.ndarray) -> str:  # fmt: skip
+    """SHA-1 of one video's index (what the decoders see of the file; the dataset fingerprint's unit)."""
+    h = hashlib.sha1(f"{codec} {size[0]}x{size[1]} {time_base[0]}/{time_base[1]}".encode())
+    h.update(extradata)
+    h.update(np.ascontiguousarray(packets, PACKET).tobytes())
+    return h.hexdigest()
+
+
+def video_digest(index: VideoIndex) -> str:
+    assert index.packets is not None
+    return digest(index.codec, (index.width, index.height), index.time_base, index.extradata, index.packets)
 
 
 # ---- the index file ----------------------------------------------------------------------------
@@ -305,6 +352,20 @@ class PacketIndex:
                           extra, path)  # fmt: skip
         index.rotation = int(m["rotation"])
         return index
+
+    def digest(self, path: str, stamp: tuple[int, int]) -> str:
+        """video_digest of `path`'s entry, hashed straight from the stored records when they are current
+        (no VideoIndex is assembled: fast over a whole list), else from the entry demuxed now."""
+        store, key = self._store(), self.key(path)
+        i = store.names.get(key) if store is not None and key not in self._built else None
+        m = store.meta[i] if i is not None else None
+        if m is not None and (int(m["file_size"]), int(m["mtime_ns"])) == stamp:
+            first, extra = int(m["first"]), int(m["extra_first"])
+            return digest(m["codec"].decode("ascii"), (int(m["width"]), int(m["height"])),
+                          (int(m["tb_num"]), int(m["tb_den"])),
+                          bytes(store.extradata[extra : extra + int(m["extra_len"])]),
+                          store.packets[first : first + int(m["count"])])  # fmt: skip
+        return video_digest(self.get(path, stamp))
 
     def get(self, path: str, stamp: tuple[int, int] | None = None) -> VideoIndex:
         """The index of `path`: stored when fresh, else demuxed now (and kept for this process)."""

@@ -12,7 +12,8 @@ one run. Fair by construction:
 - same thread budget N (`--threads`, default data.num_workers): DALI num_threads = DALI py workers =
   DataLoader workers = torch threads = N;
 - CPU-ms per clip = CPU time of this process and all its live descendants during the timed batches
-  (/proc/<pid>/stat, so other jobs on a shared machine do not count) / clips, beside clips/s;
+  (each process's CPU clock in nanoseconds, not /proc's 10 ms ticks; other jobs on a shared machine
+  do not count) / clips, beside clips/s; a ratio needs at least MIN_RATIO_CPU_S of CPU on both sides;
 - decoded frames per kept frame, counted by an untimed replay of the same clips through the same
   decode code (the DALI video decoder's figure is computed: it decodes from frame 0 to the highest
   requested index, see docs/BENCHMARKS.md);
@@ -78,7 +79,7 @@ from .listfile import ListFileError, read_list
 from .loader import ClipLoader, build_loader, sampling_options, source_kind
 from .sampling import clip_indices
 from .source import ClipSource, SpatialOptions, epoch_order
-from .trim import plan as trim_plan
+from .trim import decoded_frames as dali_decoded_frames
 from .video_io import VideoIndex, decode_frames, index_video
 
 # ---- process tree: CPU time and affinity -------------------------------------------------------
@@ -103,20 +104,26 @@ def process_tree() -> set[int]:
     return tree
 
 
+def process_cpu_ns(pid: int) -> int | None:
+    """CPU time (all threads, ended ones included) of process `pid` in nanoseconds, None once it is gone.
+
+    Linux's per-process CPU clock (what clock_getcpuclockid(pid) returns: ((~pid) << 3) | 2) is exact;
+    /proc/<pid>/stat counts in 10 ms ticks, so a short timed window could round a route to 0 ms."""
+    try:
+        return time.clock_gettime_ns(((~pid) << 3) | 2)
+    except OSError:  # ended (EINVAL), or a pid this kernel will not let us read
+        return None
+
+
 def tree_cpu_seconds(tree: set[int] | None = None) -> float:
     """CPU seconds (user + system, all threads) used so far by the process tree.
 
     Unlike a machine-wide figure this is not inflated by other jobs on a shared machine.
     """
-    ticks = 0
+    total = 0
     for pid in process_tree() if tree is None else tree:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-        except (OSError, IndexError, ValueError):
-            continue
-    return ticks / os.sysconf("SC_CLK_TCK")
+        total += process_cpu_ns(pid) or 0
+    return total / 1e9
 
 
 def pin(cores: set[int]) -> None:
@@ -372,13 +379,11 @@ def decoded_per_kept(data: DataConfig, decoder: str, clips: int) -> tuple[float 
     for k in range(min(clips, len(dataset))):
         sid, idx = dataset.indices(k)
         path = dataset.entries[sid].path
-        if decoder == "route:pyav":
-            decode_frames(path, idx, cached_index(path), stats=stats)
+        if decoder == "route:pyav":  # the route's own code, on the packet index the loader uses
+            decode_frames(path, idx, packet_index(path), stats=stats)
         elif decoder == "route:bytes":  # DALI's video decoder: frame 0 up to the highest index it is given
-            top = int(idx.max())
-            if data.trim == "on":  # it is given the trimmed GOPs (dali_pipes.trim), indices remapped
-                top = int(np.max(trim_plan(packet_index(path), idx)[1]))
-            decoded, kept = decoded + top + 1, kept + len(idx)
+            decoded += dali_decoded_frames(packet_index(path), idx, trimmed=data.trim == "on")
+            kept += len(idx)
         elif decoder in ("pyav-seek", "pyav-seq"):
             baseline_decoder(decoder)(path, idx, stats)
         else:
@@ -457,6 +462,19 @@ def best_baselines(results: list[Result]) -> tuple[Result | None, Result | None]
     return max(ok, key=lambda r: r.clips_per_s), min(ok, key=lambda r: r.cpu_ms_per_clip)
 
 
+MIN_RATIO_CPU_S = 0.05  # below this, a CPU-ms ratio is mostly start-up noise
+TOO_LITTLE_CPU = "too little CPU time measured for a ratio; use more --batches"
+
+
+def ratio(value: float, base: float, enough: bool = True) -> str:
+    """`value / base` as '1.23x', or '-' when there is nothing to divide by or too little was measured."""
+    return f"{value / base:.2f}x" if enough and base > 0 else "-"
+
+
+def enough_cpu(*results: Result) -> bool:
+    return all(r.cpu_seconds >= MIN_RATIO_CPU_S for r in results)
+
+
 def render(results: list[Result], title: str, console: Console) -> None:
     table = Table(title=title)
     columns = ("route", "clips/s", "vs best clips/s", "CPU-ms/clip", "vs best CPU-ms", "decoded/kept frame",
@@ -464,12 +482,14 @@ def render(results: list[Result], title: str, console: Console) -> None:
     for col in columns:
         table.add_column(col, justify="left" if col == "route" else "right")
     fast, cheap = best_baselines(results)
+    starved = False
     for r in results:
         if r.error:
             table.add_row(r.name, "-", "-", "-", "-", "-", "-", f"[red]{r.error}[/red]")
             continue
-        speed = f"{r.clips_per_s / fast.clips_per_s:.2f}x" if fast else "-"
-        cost = f"{r.cpu_ms_per_clip / cheap.cpu_ms_per_clip:.2f}x" if cheap else "-"
+        speed = ratio(r.clips_per_s, fast.clips_per_s) if fast else "-"
+        cost = ratio(r.cpu_ms_per_clip, cheap.cpu_ms_per_clip, enough_cpu(r, cheap)) if cheap else "-"
+        starved |= bool(cheap) and not enough_cpu(r, cheap)
         dec = "-" if r.decoded_per_kept is None else f"{r.decoded_per_kept:.2f}"
         if r.decoded_note == "computed":
             dec += " (c)"
@@ -479,6 +499,9 @@ def render(results: list[Result], title: str, console: Console) -> None:
     if fast:
         console.print(f"best baseline: {fast.name} by clips/s, {cheap.name} by CPU-ms per clip; (c) = "
                       "computed (DALI decodes from frame 0 to the highest index it is given)")  # fmt: skip
+    if starved:
+        need = f"each side needs {MIN_RATIO_CPU_S * 1000:.0f} ms"
+        console.print(f"vs best CPU-ms '-': {TOO_LITTLE_CPU} ({need})")
 
 
 def parse_cores(text: str) -> set[int]:

@@ -25,7 +25,7 @@ from .sampling import REPLACE, SPATIAL, SamplingOptions, clip_indices, sample_rn
 if TYPE_CHECKING:
     from engine.config import DataConfig, EvalConfig
 
-from .packet_index import PacketIndex
+from .packet_index import PacketIndex, not_a_file
 from .trim import trim
 from .video_io import VideoIndex, VideoReadError, decode_frames, rotation_refused
 
@@ -166,6 +166,7 @@ class ClipSource:
     device: str = "cpu"  # where kind "bytes" decodes: DALI's CPU decoder knows only DALI_CPU_CODECS
     trim: bool = True  # kind "bytes": send only the GOPs the wanted frames need (dali_pipes.trim)
     index: PacketIndex | None = None  # the list's persistent packet index (None: built per process)
+    rotate: bool = False  # kind "pyav": apply display rotations instead of refusing them (predict)
     base_epoch: int = 0
     start_batch: int = 0
     owner_pid: int = field(default_factory=os.getpid)  # the trainer: workers die with it
@@ -228,8 +229,9 @@ class ClipSource:
                 msg = f"{entry.where}: bad sample {entry.path}: {why}"
                 if not self.skip_bad:
                     raise ClipLoadError(msg) from None
-                if frame_k == 0:
-                    log.warning("%s (data.skip_bad: replaced)", msg)
+                if frame_k == 0 and (tried == sid or self.split == "train"):  # eval: a sample's own line once
+                    fate = "replaced" if self.split == "train" else "left out"
+                    log.warning("%s (data.skip_bad: %s)", msg, fate)
                 continue
             # A padding slot (out_id PAD) is dropped anyway: its replacement is not counted.
             replaced = np.array(int(tried != sid and out_id != PAD), dtype=np.int32)
@@ -246,7 +248,7 @@ class ClipSource:
         if self.index is None:
             self.index = PacketIndex(f"{entry.list_file}.index")
         if stamp is None and not os.path.isfile(entry.path):
-            raise VideoReadError(f"{entry.path}: file not found")
+            raise VideoReadError(f"{entry.path}: {not_a_file(entry.path)}")
         idx = self.index.get(entry.path, stamp)
         if idx.num_frames < entry.num_frames:
             raise VideoReadError(
@@ -268,7 +270,8 @@ class ClipSource:
         indices = clip_indices(entry.num_frames, self.split, self.sampling, self.seed, epoch, sid).ravel()
         if self.kind == "frames":
             if not os.path.isdir(entry.path):
-                raise VideoReadError("frame folder not found")
+                found = os.path.isfile(entry.path)
+                raise VideoReadError("is a file, not a frame folder" if found else "frame folder not found")
             names = [os.path.join(entry.path, self.frame_template.format(self.frame_start + int(i)))
                      for i in indices]  # fmt: skip
             for name in names:  # the whole clip, so every frame sample of it agrees on replacement
@@ -278,7 +281,7 @@ class ClipSource:
                 payload: tuple = (np.frombuffer(f.read(), dtype=np.uint8),)
         elif self.kind == "pyav":
             idx = self._video_index(entry)
-            frames = decode_frames(entry.path, indices, idx)
+            frames = decode_frames(entry.path, indices, idx, rotate=self.rotate)
             height, width = frames.shape[1:3]
             payload = (frames,)
         else:  # bytes for fn.decoders.video; the index check keeps DALI from padding black frames
@@ -293,7 +296,7 @@ class ClipSource:
         the byte ranges of the needed GOPs are read from it (else the whole file).
         """
         if not os.path.isfile(entry.path):
-            raise VideoReadError(f"{entry.path}: file not found")
+            raise VideoReadError(f"{entry.path}: {not_a_file(entry.path)}")
         fd = os.open(entry.path, os.O_RDONLY)
         try:
             st = os.fstat(fd)

@@ -27,7 +27,7 @@ import struct
 
 import numpy as np
 
-from .video_io import VideoIndex, VideoReadError
+from .video_io import VideoIndex, VideoReadError, gop_spans
 
 CODEC_IDS = {
     "vp8": "V_VP8", "vp9": "V_VP9", "av1": "V_AV1", "mjpeg": "V_MJPEG",
@@ -107,19 +107,7 @@ def plan(index: VideoIndex, indices: np.ndarray) -> tuple[list[tuple[int, int, n
     if len(flat) and (flat.min() < 0 or flat.max() >= len(frame_packet)):
         n = len(frame_packet)
         raise VideoReadError(f"frame {int(flat.max())} requested but the video has {n} frames")
-    keys = np.nonzero(packets["flags"] & 1)[0]
-    if len(keys) == 0 or keys[0] != 0:
-        keys = np.concatenate([[0], keys])
-    wanted = np.unique(flat)
-    ends = frame_packet[wanted].astype(np.int64)  # decode position of each wanted frame's packet
-    starts = keys[np.searchsorted(keys, ends, side="right") - 1]
-    order = np.argsort(starts, kind="stable")
-    spans: list[list[int]] = []
-    for s, e in zip(starts[order].tolist(), ends[order].tolist(), strict=True):
-        if spans and s <= spans[-1][1] + 1:  # overlapping or adjacent: one range
-            spans[-1][1] = max(spans[-1][1], e)
-        else:
-            spans.append([s, e])
+    spans = gop_spans(index, flat)
     pts = packets["pts"]
     ranges = []
     firsts, outs = [], []  # per range: first packet, output position of its first frame
@@ -142,6 +130,14 @@ def plan(index: VideoIndex, indices: np.ndarray) -> tuple[list[tuple[int, int, n
     remapped = np.array([outs[i] + int(ranges[i][2][p - firsts[i]]) for i, p in zip(r.tolist(),
                          want_packets.tolist(), strict=True)], dtype=np.int32)  # fmt: skip
     return ranges, remapped.reshape(np.shape(indices))
+
+
+def decoded_frames(index: VideoIndex, indices: np.ndarray, trimmed: bool = True) -> int:
+    """Frames DALI's video decoder decodes for `indices`: it has no keyframe index and decodes from
+    frame 0 to the highest index it is given (the remapped one in the trimmed file). prep.audit and
+    the profiler both count it this way."""
+    top = int(np.max(plan(index, indices)[1])) if trimmed else int(np.max(indices))
+    return top + 1
 
 
 def trim(

@@ -2,8 +2,9 @@
 
 A training checkpoint is one `torch.save`d dict: {"model": unwrapped state_dict, "optimizer", "scaler",
 "scheduler", "epoch", "step", "data_state", "rng", "config", "ema"?}; models.convert writes
-{"model", "meta"}. Everything inside is plain containers and tensors, so files load with
-`weights_only=True` (no arbitrary code runs when opening a downloaded checkpoint).
+{"model", "meta"}. Everything inside is plain containers and tensors; files are read through
+engine/safe_load.py's restricted unpickler (no code in a checkpoint ever runs), and a file that refers to
+anything else (a Python object, `os.system`) is refused.
 
 Writes are atomic (temp file in the same directory, fsync, os.replace): a crash mid-write never leaves a
 truncated file under a checkpoint's name, and a good checkpoint is only ever replaced by a complete one.
@@ -12,12 +13,12 @@ truncated file under a checkpoint's name, and a good checkpoint is only ever rep
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import re
 import shutil
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.config import ConfigError, ModelConfig
 from engine.fileio import atomic_write
+from engine.safe_load import SafeLoadError, safe_load
+
+log = logging.getLogger(__name__)
 
 CKPT_PATTERN = re.compile(r"^ckpt_e(\d+)_s(\d+)\.pt$")
 BEST_NAME = "ckpt_best.pt"  # the best validated checkpoint (train.best_metric); outside CKPT_PATTERN
@@ -87,14 +92,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for truncated/foreign files
-        if not zipfile.is_zipfile(path):
-            why = "not a torch.save archive (truncated by a crash, or another file format)"
-        else:
-            first = str(e).splitlines()[0] if str(e) else ""
-            why = f"{type(e).__name__}: {first} (only tensors and plain containers are allowed)"
-        raise CheckpointError(f"cannot read checkpoint {path}: {why}") from None
+        loaded = safe_load(path, map_location)
+    except SafeLoadError as e:
+        raise CheckpointError(str(e)) from None
+    if loaded.foreign:
+        raise CheckpointError(
+            f"{path}: not a vidrec checkpoint: holds Python objects besides tensors and plain containers"
+            f"{loaded.foreign_note()}"
+        )
+    state = loaded.obj
     if not isinstance(state, dict) or "model" not in state:
         got = sorted(map(str, state))[:10] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
@@ -208,7 +214,7 @@ class BestTracker:
 
 
 # --------------------------------------------------------------------------------------------------
-# RNG states, stored as tensors and plain lists so the file stays weights_only-loadable
+# RNG states, stored as tensors and plain lists so the file holds no Python objects
 # --------------------------------------------------------------------------------------------------
 
 
@@ -243,14 +249,69 @@ def _to_tuples(x: Any) -> Any:
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+# The fields that decide which network a checkpoint's weights belong to (not dropout, not pretrained).
+MODEL_IDENTITY = ("name", "depth", "num_classes", "num_segments", "debug")
+
+
+def stored_model_config(ckpt: dict) -> dict:
+    """The model fields a checkpoint records: train.py's stored config, or a models.convert output's meta."""
+    config = ckpt.get("config")
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        return config["model"]
+    meta = ckpt.get("meta")
+    if isinstance(meta, dict) and "model" in meta:
+        stored = {k: meta[k] for k in ("depth", "num_classes", "num_segments") if k in meta}
+        return {"name": meta["model"], **stored}
+    return {}
+
+
+def check_model_config(
+    model_cfg: ModelConfig, ckpt: dict, ckpt_path: str | Path, fix: str, allow: bool = False
+) -> None:
+    """Refuse a checkpoint trained as another model than the configured one, even when its weights happen
+    to fit (a tsn config on a tsm checkpoint loads, and runs without the shift): one ConfigError naming
+    the differing keys and ending in `fix` (what the caller's user can do), or a warning when `allow`.
+    evaluate.py scores with it; train.py --resume continues with it (`check_resumable`)."""
+    stored = stored_model_config(ckpt)
+    diffs = [
+        f"model.{key} {stored[key]!r} in the checkpoint, {getattr(model_cfg, key)!r} configured"
+        for key in MODEL_IDENTITY
+        if key in stored and stored[key] != getattr(model_cfg, key)
+    ]
+    if not diffs:
+        return
+    if allow:
+        log.warning("%s: despite a model config mismatch: %s", ckpt_path, "; ".join(diffs))
+        return
+    raise ConfigError(f"{ckpt_path} was trained as another model: {'; '.join(diffs)}. {fix}")
+
+
+# What train.py's checkpoints hold beyond the weights; --resume needs all of it.
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "epoch", "batch_in_epoch", "step", "data_state", "rng",
+                  "config")  # fmt: skip
+
+
+def check_resumable(ckpt: dict, ckpt_path: str | Path, model_cfg: ModelConfig) -> None:
+    """--resume continues a training run: the file must be a train.py checkpoint (not a models.convert
+    output or a bare state dict) of the configured model (`check_model_config`); else one line saying so."""
+    missing = [k for k in TRAINING_STATE if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{ckpt_path}: not a train.py checkpoint (no {', '.join(missing[:3])}): --resume continues a "
+            "training run; to start from these weights, use --model.pretrained in a new run"
+        )
+    check_model_config(
+        model_cfg, ckpt, ckpt_path, "Resume it with the model config it was trained with, or fine-tune it "
+        "in a new run: --train.out_dir=NEW --model.pretrained=CHECKPOINT",
+    )  # fmt: skip
+
+
 def load_model_weights(
     model: torch.nn.Module, ckpt: dict, ckpt_path: str | Path, weights: str = "model"
 ) -> None:
     """Strict load of a checkpoint's "model" (or "ema") weights into `model`. A mismatch is one line (a
     ConfigError: the configured model is what differs) naming the file and counting the differing keys,
     never a partly loaded network."""
-    from engine.config import ConfigError
-
     if ckpt.get(weights) is None:
         raise ConfigError(f"{ckpt_path}: has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
     state = ckpt[weights]

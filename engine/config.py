@@ -12,6 +12,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
@@ -212,6 +213,10 @@ def _did_you_mean(name: str, options: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# A decimal number in exponent notation without the dot or the exponent sign YAML 1.1 asks for.
+_FLOAT_TEXT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`; ints widen to floats, nothing else is converted."""
     origin = typing.get_origin(tp)
@@ -232,6 +237,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)  # 1e30, 1.0e30: YAML 1.2 floats that PyYAML (YAML 1.1) leaves as text
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -521,10 +528,62 @@ def config_problems(cfg: Config) -> list[str]:
             f"model.num_segments ({cfg.model.num_segments}) differs from data.num_segments "
             f"({cfg.data.num_segments})"
         )
-    for dotted in ("data.num_segments", "data.batch_size", "train.epochs", "train.accum_steps"):
+    for dotted in ("data.num_segments", "data.batch_size", "train.epochs", "train.accum_steps",
+                   "eval.batch_size"):  # fmt: skip
         if get_dotted(cfg, dotted) < 1:
-            problems.append(f"{dotted}: must be >= 1")
+            problems.append(f"{dotted}: must be >= 1, got {get_dotted(cfg, dotted)}")
+    return problems + number_problems(cfg)
+
+
+# Ranges of numeric fields: (low, high, low included, high included); a value outside, or NaN/inf in any
+# float field, is refused at load time, not found by torch ("Invalid learning rate") after the setup.
+_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "optim.lr": (0.0, math.inf, False, False),
+    "optim.momentum": (0.0, 1.0, True, False),
+    "optim.weight_decay": (0.0, math.inf, True, False),
+    "optim.warmup_epochs": (0.0, math.inf, True, False),
+    "optim.warmup_start": (0.0, 1.0, True, True),
+    "optim.clip_grad": (0.0, math.inf, True, False),
+    "optim.label_smoothing": (0.0, 1.0, True, False),
+    "optim.lr_decay": (0.0, math.inf, False, False),
+    "optim.ref_batch": (0.0, math.inf, True, False),
+    "model.dropout": (0.0, 1.0, True, False),
+    "train.ema": (0.0, 1.0, True, False),
+}
+
+
+def number_problems(cfg: Config) -> list[str]:
+    """Every float finite, and the fields of `_RANGES` inside their range; one message per key."""
+    problems = [
+        f"{dotted}: must be a finite number, got {value}"
+        for dotted, value in _float_fields(cfg, "")
+        if not math.isfinite(value)
+    ]
+    for dotted, (low, high, low_in, high_in) in _RANGES.items():
+        value = get_dotted(cfg, dotted)
+        if not math.isfinite(value):  # said above
+            continue
+        if not ((low <= value if low_in else low < value) and (value <= high if high_in else value < high)):
+            if math.isinf(high):
+                span = f"{'>=' if low_in else '>'} {low:g}"
+            else:
+                span = f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            problems.append(f"{dotted}: must be {span}, got {value:g}")
     return problems
+
+
+def _float_fields(node: Any, prefix: str) -> list[tuple[str, float]]:
+    """(dotted key, value) of every float in the tree, list items included (data.mean[1])."""
+    found = []
+    for f in dataclasses.fields(node):
+        value, dotted = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found += _float_fields(value, f"{dotted}.")
+        elif isinstance(value, float):
+            found.append((dotted, value))
+        elif isinstance(value, list):
+            found += [(f"{dotted}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float)]
+    return found
 
 
 def get_dotted(cfg: Any, dotted: str) -> Any:

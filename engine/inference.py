@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -124,23 +125,37 @@ def score_videos(
     on_done: Callable[[list[int]], None] = lambda ids: None,
 ) -> dict[int, np.ndarray]:
     """Class probabilities of each (path, frames) video, by its index in `videos`; an index missing from
-    the result is a video the loader could not decode (skipped through data.skip_bad, warned there)."""
+    the result is a video the loader could not decode (skipped through data.skip_bad, warned there).
+
+    Paths that resolve to one file (a symbolic link beside its target) are decoded once and each gets
+    the scores under its own name (a list holds each file once). Rotated videos are turned upright on
+    the PyAV route (build_loader's rotate); the NVDEC route refuses them with its reason.
+    """
     from dali_pipes.loader import build_loader
 
+    owners: dict[str, list[int]] = {}  # resolved file -> indices in `videos`
+    for i, (path, _) in enumerate(videos):
+        owners.setdefault(os.path.realpath(path), []).append(i)
+    files = list(owners)
+    frames_of = {os.path.realpath(path): frames for path, frames in videos}
     with tempfile.TemporaryDirectory(prefix="predict-") as tmp:
         listing = Path(tmp) / "videos.txt"
-        listing.write_text("".join(f"{path.resolve()} {frames} 0\n" for path, frames in videos))
+        listing.write_text("".join(f"{f} {frames_of[f]} 0\n" for f in files))
         data = replace(cfg.data, val_list=str(listing), root="", skip_bad=True)
-        loader = build_loader(data, "test", views=views, device_id=device_id)
+        loader = build_loader(data, "test", views=views, device_id=device_id, rotate=True)
+
+        def done(ids: list[int]) -> None:
+            on_done([i for u in ids for i in owners[files[u]]])
+
         try:
             result = evaluate_model(
-                model, _report_batches(loader, on_done), cfg.model.num_classes, views.fuse, amp,
+                model, _report_batches(loader, done), cfg.model.num_classes, views.fuse, amp,
                 cfg.train.channels_last,
             )  # fmt: skip
         finally:
             loader.close()
     probs = probabilities(result.scores, views.fuse)
-    return {int(i): p for i, p in zip(result.ids, probs, strict=True)}
+    return {i: p for u, p in zip(result.ids, probs, strict=True) for i in owners[files[int(u)]]}
 
 
 def write_predictions(out: str | Path, results: list[VideoResult], meta: dict) -> Path:

@@ -42,6 +42,30 @@ def check_labels(entries: Iterable[LabelledEntry], num_classes: int, key: str = 
             )
 
 
+def class_count_warning(
+    entries: Iterable[LabelledEntry], num_classes: int, list_path: str | Path, root: str | Path = ""
+) -> str:
+    """'' when the training list's classes fill model.num_classes, else one line saying how they differ.
+
+    The list's classes are the names in classes.txt beside it (or in data.root) when there is one, else
+    max label + 1. With fewer classes than num_classes, the extra outputs never see a label (a recipe's 400
+    on a 10-class set); labels beyond num_classes are `check_labels`'s error, not this warning."""
+    labels = max((e.label for e in entries), default=-1) + 1
+    folders = [Path(list_path).parent] + ([Path(root)] if root else [])
+    named = next((f / "classes.txt" for f in folders if (f / "classes.txt").is_file()), None)
+    if named is not None:
+        count = sum(1 for line in named.read_text(errors="replace").splitlines() if line.strip())
+        source = f"{named} names {count} classes"
+    else:
+        count, source = labels, f"{list_path} has labels 0..{labels - 1} ({labels} classes)"
+    if count == num_classes:
+        return ""
+    return (
+        f"model.num_classes is {num_classes} but {source}: the model's class count differs from the data's "
+        "(set model.num_classes to match unless this is intended)"
+    )
+
+
 def check_writable_dir(path: str | Path, key: str = "train.out_dir") -> Path:
     """Create `path` if needed and prove a file can be written there (a file in its place, a read-only
     folder or a missing permission fails here, in one line, instead of at the first checkpoint)."""
@@ -76,7 +100,7 @@ def preflight_problems(
     warnings). Problems: data.device gpu without CUDA, a missing model.pretrained (unless resuming: the
     checkpoint brings the weights) or data.flip_pairs file, unreadable lists and labels outside
     model.num_classes, an unwritable train.out_dir (created when `make_out_dir`). Warnings:
-    check_num_classes."""
+    class_count_warning for the training list."""
     from dali_pipes.listfile import read_list  # lazily: engine stays importable without DALI
 
     problems: list[str] = []
@@ -92,8 +116,9 @@ def preflight_problems(
         if not path:  # unset: the loader names the key (and a test's in-memory loader needs none)
             continue
         try:
-            entries[path] = read_list(path, cfg.data.root)
-            check_labels(entries[path], cfg.model.num_classes)
+            found = read_list(path, cfg.data.root)
+            check_labels(found, cfg.model.num_classes)
+            entries[path] = found  # labels in range: then its class count is worth a warning
         except (ValueError, OSError) as e:  # ListFileError, PreflightError
             problems.append(f"data.{key}: {e}" if str(path) not in str(e) else str(e))
     if make_out_dir:
@@ -101,29 +126,10 @@ def preflight_problems(
             check_writable_dir(cfg.train.out_dir)
         except PreflightError as e:
             problems.append(str(e))
-    warning = check_num_classes(cfg, entries)
+    train = cfg.data.train_list  # the list the fc learns from: does its class count fit?
+    warning = class_count_warning(entries[train], cfg.model.num_classes, train, cfg.data.root) if (
+        train in entries) else ""  # fmt: skip
     return problems, [warning] if warning else []
-
-
-def check_num_classes(cfg: Config, entries: dict[str, list]) -> str:
-    """'' when model.num_classes fits the data, else a warning: the classes named in classes.txt (in
-    data.root or beside a list) or, without one, the labels the lists use (max + 1). A K400 recipe (400)
-    trained on a 4-class list trains 396 outputs no video has; a smaller count is already an error."""
-    folders = [cfg.data.root] + [str(Path(p).parent) for p in (cfg.data.train_list, cfg.data.val_list) if p]
-    for folder in dict.fromkeys(f for f in folders if f):
-        path = Path(folder) / "classes.txt"
-        if path.is_file():
-            count = sum(1 for line in path.read_text().splitlines() if line.strip())
-            if count != cfg.model.num_classes:
-                return f"model.num_classes is {cfg.model.num_classes} but {path} names {count} classes"
-            return ""
-    labels = [e.label for found in entries.values() for e in found]
-    if labels and max(labels) + 1 < cfg.model.num_classes:
-        return (
-            f"model.num_classes is {cfg.model.num_classes} but the lists use labels 0..{max(labels)} "
-            f"({max(labels) + 1} classes; no classes.txt found)"
-        )
-    return ""
 
 
 def with_preflight_findings(error: ConfigError, cuda: bool) -> str:

@@ -1,7 +1,7 @@
 """Import checkpoints published by the official code bases into our models (docs/CHECKPOINTS.md).
 
     python -m models.convert SRC DST --from torchvision|tsm|tam|ctnet|msn|tdn|mmaction --model NAME
-        [--depth 50] [--num-classes N] [--num-segments 8] [--trust]
+        [--depth 50] [--num-classes N] [--num-segments 8]
 
 Each official layout differs from ours only in names (prefixes such as `module.base_model.`, wrapper
 modules such as TSM's `.net` or MMAction2's ConvModule `.conv`/`.bn`), so a conversion is an ordered list
@@ -20,11 +20,8 @@ same container, keys named as torchvision's (meta.backbone_only), which `model.p
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 import sys
-import types
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="default: read off the classifier in SRC")
     p.add_argument("--num-segments", type=int, default=8, help="segments T the model was trained with")
     p.add_argument("--debug", action="store_true", help="our tiny debug flavour (tests)")
-    p.add_argument("--trust", action="store_true", help="unpickle SRC fully (only for files you trust)")
+    p.add_argument(
+        "--trust",
+        action="store_true",
+        help="accepted and ignored: every file is read the same restricted way (nothing in it runs; "
+        "Python objects beside the tensors become inert stand-ins), so no file needs trusting",
+    )
     return p
 
 
@@ -60,6 +62,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import save_checkpoint
+from engine.safe_load import SafeLoadError, safe_load
 
 Rule = tuple[str, str]  # (regex, replacement) applied with re.sub, in order
 
@@ -203,100 +206,27 @@ class ConvertError(Exception):
 # --------------------------------------------------------------------------------------------------
 
 
-def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of an official checkpoint, whatever container it comes in (see docs/CHECKPOINTS.md).
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of an official checkpoint, whatever container it comes in (see docs/CHECKPOINTS.md),
+    and the names of the Python objects in the file that were read as inert stand-ins.
 
-    Opens with weights_only=True unless `trust`: a downloaded file must not be able to run code.
+    Read through engine/safe_load.py: a downloaded file never runs code, and the trainer objects that
+    official files carry beside the weights (argparse args, mmengine's message hub) load as stand-ins.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConvertError(f"{path}: no such file")
-    with path.open("rb") as f:
-        legacy_pickle = f.read(1) == b"\x80"  # torch.save before PyTorch 1.6: a pickle stream
-    if not (legacy_pickle or zipfile.is_zipfile(path)):
-        raise ConvertError(
-            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; truncated?)"
-        )
     try:
-        if trust:  # full unpickling; classes of packages not installed here (mmengine, ...) become stubs
-            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=lenient_pickle)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for foreign, truncated or unsafe files
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-        if not trust and "weights only load failed" in text.lower():
-            found = re.search(r"GLOBAL ([\w.]+)", text)
-            why = f" such as {found.group(1)}" if found else ""
-            raise ConvertError(
-                f"{path}: holds Python objects{why} besides tensors, which a safe load refuses; "
-                "if you trust the file's origin, rerun with --trust"
-            ) from None
-        first = (text.splitlines() or [""])[0][:300]
-        raise ConvertError(
-            f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {first})"
-        ) from None
-    return unwrap_container(obj, path)
+        loaded = safe_load(path)
+    except SafeLoadError as e:
+        raise ConvertError(str(e)) from None
+    return unwrap_container(loaded.obj, path, loaded.foreign_note()), list(dict.fromkeys(loaded.foreign))
 
 
-class MissingClass:
-    """Stands in for a pickled object whose class cannot be imported here (MMAction2 1.x files carry
-    mmengine objects in 'message_hub'); only the tensors matter, so the object's state is kept inert."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state: object) -> None:
-        self.state = state
-
-
-def stand_in(module: str, qualname: str) -> type:
-    """An inert class named like the missing `module.qualname` (a class, function or method), so that
-    error messages and reprs still say what the file referred to."""
-    attrs = {"__module__": module, "__qualname__": qualname}
-    return type(qualname.rsplit(".", 1)[-1], (MissingClass,), attrs)
-
-
-def lenient_getattr(obj: object, name: str, *default: object) -> object:
-    """`builtins.getattr` as a pickle calls it: with protocol < 4 (torch.save's default is 2) a method or
-    nested name such as mmengine's `HistoryBuffer.min` is written as `getattr(HistoryBuffer, 'min')`.
-    On a stand-in (or a class whose installed version lacks the name) that lookup would fail, so it yields
-    another stand-in, `HistoryBuffer.min`; existing attributes are returned as they are."""
-    try:
-        return getattr(obj, name, *default)
-    except AttributeError:
-        if isinstance(obj, types.ModuleType):
-            return stand_in(obj.__name__, name)
-        owner = obj if isinstance(obj, type) else type(obj)
-        return stand_in(owner.__module__, f"{owner.__qualname__}.{name}")
-
-
-class LenientUnpickler(pickle.Unpickler):
-    """Full unpickling (for --trust) that survives classes, functions and methods of packages that are not
-    installed: every such reference becomes an inert stand-in; nothing of theirs is run."""
-
-    def find_class(self, module: str, name: str) -> object:
-        if name == "getattr" and module in ("builtins", "__builtin__"):  # __builtin__: Python 2 spelling
-            return lenient_getattr
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return stand_in(module, name)  # protocol >= 4 spells a method as name='HistoryBuffer.min'
-
-
-# What torch.load needs of a `pickle_module`: Unpickler (zip files) and load (legacy files).
-lenient_pickle = types.SimpleNamespace(
-    Unpickler=LenientUnpickler,
-    load=lambda f, **kw: LenientUnpickler(f, **kw).load(),
-    __name__="lenient_pickle",
-)
-
-
-def unwrap_container(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """{'state_dict': sd, ...} (official trainers, MMAction2), {'model': sd, ...} (ours) or a bare sd."""
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
+def unwrap_container(obj: object, path: Path, note: str = "") -> dict[str, torch.Tensor]:
+    """{'state_dict': sd, ...} (official trainers, MMAction2), {'model': sd, ...} (ours) or a bare sd.
+    `note` (what the file referred to, read as stand-ins) is added to the refusals."""
     if not isinstance(obj, dict):
-        raise ConvertError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+        found = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        raise ConvertError(f"{path}: expected a dict of tensors, found {found}{note}")
     for container in ("state_dict", "model"):
         inner = obj.get(container)
         if isinstance(inner, dict) and inner:
@@ -307,7 +237,7 @@ def unwrap_container(obj: object, path: Path) -> dict[str, torch.Tensor]:
         others = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))[:10]
         raise ConvertError(
             f"{path}: no state dict found (looked for 'state_dict', 'model' or a bare dict of tensors; "
-            f"non-tensor entries: {others})"
+            f"non-tensor entries: {others}){note}"
         )
     return {str(k): v for k, v in tensors.items()}
 
@@ -477,7 +407,6 @@ def convert_file(
     num_classes: int | None = None,
     num_segments: int = 8,
     debug: bool = False,
-    trust: bool = False,
 ) -> dict:
     """Convert SRC into DST; returns the written checkpoint dict. Raises ConvertError on user errors."""
     if source not in SOURCES:
@@ -490,7 +419,7 @@ def convert_file(
     src, dst = Path(src), Path(dst)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise ConvertError(f"{dst}: DST is the source file; refusing to overwrite it")
-    official = read_state_dict(src, trust)
+    official, stand_ins = read_state_dict(src)
     if source == "torchvision":
         num_classes = num_classes or 1  # our fc is not imported; any width builds the backbone
     elif num_classes is None:
@@ -525,6 +454,7 @@ def convert_file(
         "num_segments": num_segments,
         "src": str(src),
         "dropped": sorted(dropped + ignore),
+        "stand_ins": stand_ins,  # Python objects of SRC read as inert stand-ins (never run, not converted)
     }
     if source == "torchvision":
         meta["backbone_only"] = True
@@ -542,6 +472,8 @@ def convert_file(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.trust:
+        print("--trust is no longer needed and is ignored: every file is read the same restricted way")
     try:
         state = convert_file(
             args.src,
@@ -552,11 +484,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.num_classes,
             args.num_segments,
             args.debug,
-            args.trust,
         )
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    stand_ins = state["meta"]["stand_ins"]
+    if stand_ins:
+        shown = ", ".join(stand_ins[:5]) + (f", ... {len(stand_ins) - 5} more" if len(stand_ins) > 5 else "")
+        print(f"{args.src}: read {len(stand_ins)} Python name(s) as inert stand-ins, none run: {shown}")
     dropped = state["meta"]["dropped"]
     if dropped:
         print(f"dropped {len(dropped)} key(s) with no counterpart by design:\n" + listing(dropped, limit=10))

@@ -9,7 +9,6 @@ docs/MODELS.md for layouts, the temporal hook and the checkpoint rules.
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.safe_load import SafeLoadError, safe_load
 from models.csn import build_ip_csn, build_ir_csn
 from models.resnet import BasicBlock, Bottleneck, resnet
 from models.temporal.ctnet import ctnet_factory, freeze_outside_ct_blocks
@@ -103,20 +103,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # A training checkpoint carries python objects (rng states, config); the user named the file.
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    try:  # the restricted reader: objects beside the tensors become inert stand-ins, nothing runs
+        loaded = safe_load(path)
+    except SafeLoadError as e:
+        raise ValueError(str(e)) from None
+    obj = loaded.obj
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors (raw, under 'state_dict' or 'model')")
+        raise ValueError(
+            f"{path}: expected a state dict of tensors (raw, under 'state_dict' or 'model')"
+            + loaded.foreign_note()
+        )
     if obj and all(k.startswith("module.") for k in obj):  # saved from a DDP-wrapped model
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj

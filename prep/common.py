@@ -31,6 +31,9 @@ R = TypeVar("R")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp", ".ogv",
                     ".wmv", ".ts")  # fmt: skip
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# Raw elementary streams (no container, no timestamps): no loader reads them; prep.resize re-encodes them
+# (with --fps N, the rate they were recorded at) and prep.validate flags them whatever their name.
+RAW_EXTENSIONS = (".h264", ".264", ".avc", ".h265", ".265", ".hevc")
 
 
 class UserError(Exception):
@@ -48,6 +51,32 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         print("interrupted: finished outputs are kept; run the same command again to resume", file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+def refuse_links_and_sources(path: Path, top: Path, sources: Path | None = None, tool: str = "prep") -> None:
+    """Refuse (UserError) an output `path` under the folder `top` that passes through a symbolic link
+    (any component from `top` down, the file itself included) or resolves into `sources`.
+
+    Why: a link left in the output tree (`DST/sub -> SRC/sub`, `DST/.a.mp4.part -> SRC/a.mp4`) would
+    make a writer replace or create files among the user's sources, which no prep tool may touch.
+    """
+    cur = top
+    for part in path.relative_to(top).parts:
+        cur = cur / part
+        if cur.is_symlink():
+            raise UserError(f"{cur} is a symbolic link (to {os.readlink(cur)}): {tool} writes only real "
+                            "files and folders under its output folder, never through a link: remove it")
+    if sources is not None:
+        resolved, src = path.resolve(), sources.resolve()
+        if resolved == src or src in resolved.parents:
+            raise UserError(f"{path} resolves to {resolved}, inside the sources {sources}: {tool} never "
+                            "writes there")
+
+
+def create_exclusive(path: Path) -> int:
+    """A new empty file opened for writing: O_EXCL and O_NOFOLLOW, so neither a leftover file nor a
+    link planted under the name is ever written through. Returns the descriptor."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
 
 
 def default_jobs() -> int:

@@ -23,11 +23,13 @@ import json
 import os
 import random
 import re
+import stat
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from dali_pipes.listfile import file_identity, format_line
 from engine.config import DefaultsHelpFormatter
 from prep.common import (
     IMAGE_EXTENSIONS,
@@ -247,8 +249,10 @@ def sthv1_samples(annotations: Path, frames: Path) -> tuple[list[Sample], list[s
 # ------------------------------------------------------------------------------------------- folders
 
 
-def _class_entries(class_dir: Path) -> list[Path]:
-    """Videos and frame folders (folders holding images) directly inside one class folder."""
+def _class_entries(class_dir: Path, problems: list[str]) -> list[Path]:
+    """Videos and frame folders (folders holding images) directly inside one class folder. What is
+    neither a regular file nor a folder (a FIFO, a socket, a device, a broken link) is reported in
+    `problems`, never dropped without a word; other files (notes.txt) are not videos and are skipped."""
     entries = []
     for p in sorted(class_dir.iterdir()):
         if p.name.startswith("."):
@@ -257,7 +261,24 @@ def _class_entries(class_dir: Path) -> list[Path]:
             entries.append(p)
         elif p.is_dir() and any(q.suffix.lower() in IMAGE_EXTENSIONS for q in p.iterdir()):
             entries.append(p)
+        elif not p.is_file() and not p.is_dir():
+            problems.append(f"{p}\t{_odd_file(p)}: left out")
     return entries
+
+
+def _odd_file(path: Path) -> str:
+    """What a path that is neither a regular file nor a folder is, in words."""
+    if not path.exists():
+        return "a broken symbolic link" if path.is_symlink() else "gone while listing"
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _warn_empty_class(class_dir: Path, label: int) -> None:
+    print(f"warning: class folder {class_dir} holds no videos or frame folders: it keeps class id {label} "
+          "(classes.txt lists it) but has no samples", file=sys.stderr)  # fmt: skip
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -271,9 +292,11 @@ def _class_dirs(root: Path) -> list[Path]:
 
 def folder_samples(
     root: Path, splits: list[str], val_fraction: float, seed: int
-) -> tuple[list[Sample], list[str]]:
+) -> tuple[list[Sample], list[str], list[str]]:
     """Class-per-folder trees: ROOT/<class>/x (one list or a per-class train/val split), or
-    ROOT/<split>/<class>/x with --splits."""
+    ROOT/<split>/<class>/x with --splits. Returns samples, classes (the sorted folder names: an empty
+    class folder keeps its id, with a warning) and report lines for entries left out."""
+    problems: list[str] = []
     if splits:
         per_split = {}
         for split in splits:
@@ -281,15 +304,21 @@ def folder_samples(
                 raise UserError(f"{root / split}: split folder not found (--splits {' '.join(splits)})")
             per_split[split] = {d.name: d for d in _class_dirs(root / split)}
         classes = sorted(set().union(*per_split.values()))
-        samples = [Sample(split, p, classes.index(name), str(p))
-                   for split, dirs in per_split.items() for name, d in sorted(dirs.items())
-                   for p in _class_entries(d)]  # fmt: skip
-        return samples, classes
+        samples = []
+        for split, dirs in per_split.items():
+            for name, d in sorted(dirs.items()):
+                entries = _class_entries(d, problems)
+                if not entries:
+                    _warn_empty_class(d, classes.index(name))
+                samples += [Sample(split, p, classes.index(name), str(p)) for p in entries]
+        return samples, classes, problems
     dirs = _class_dirs(root)
     classes = [d.name for d in dirs]
     samples = []
     for label, d in enumerate(dirs):
-        entries = _class_entries(d)
+        entries = _class_entries(d, problems)
+        if not entries:
+            _warn_empty_class(d, label)
         if val_fraction <= 0:
             samples += [Sample("all", p, label, str(p)) for p in entries]
             continue
@@ -298,7 +327,7 @@ def folder_samples(
         n_val = round(len(order) * val_fraction)
         val = set(order[:n_val])
         samples += [Sample("val" if p in val else "train", p, label, str(p)) for p in entries]
-    return samples, classes
+    return samples, classes, problems
 
 
 # ---------------------------------------------------------------------------------------- the writer
@@ -334,20 +363,27 @@ def write_lists(samples: list[Sample], classes: list[str], out: Path, problems: 
         counted[path] = result
     problems = list(problems)
     lines: dict[str, list[str]] = {}
-    first: dict[tuple[str, str], str] = {}  # (split, path) -> where it was annotated first
+    first: dict[tuple[str, object], tuple[str, Path]] = {}  # (split, file identity) -> (where, path) first
     videos: dict[str, list[str]] = {}
     for s in samples:
         n, problem = counted[str(s.path)]
         if problem:
             problems.append(f"{s.where}\t{s.path}: {problem}")
             continue
-        key = (s.split, str(s.path))
+        key = (s.split, file_identity(str(s.path)))
         if key in first:  # lists hold each file once (the loader and prep.validate refuse duplicates)
-            problems.append(f"{s.where}\t{s.path}: annotated again in {s.split} (kept: {first[key]})")
+            where, kept = first[key]
+            again = "annotated again" if kept == s.path else f"a link to {kept}, already listed"
+            problems.append(f"{s.where}\t{s.path}: {again} in {s.split} (kept: {where})")
             continue
-        first[key] = s.where
         rel = Path(os.path.relpath(s.path, out)).as_posix()
-        lines.setdefault(s.split, []).append(f"{rel} {n} {s.label}\n")
+        try:
+            line = format_line(rel, n, s.label)
+        except ValueError as e:  # e.g. a folder "take 2": its line would end in "2 8 0"
+            problems.append(f"{s.where}\t{e}")
+            continue
+        first[key] = (s.where, s.path)
+        lines.setdefault(s.split, []).append(f"{line}\n")
         videos.setdefault(s.split, []).append(str(s.path))
     for split, split_lines in lines.items():
         atomic_write_text(out / f"{split}.txt", "".join(split_lines))
@@ -438,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--splits and --val-fraction exclude each other")
         if not 0.0 <= args.val_fraction < 1.0:
             raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-        samples, classes = folder_samples(args.root, args.splits, args.val_fraction, args.seed)
+        samples, classes, problems = folder_samples(args.root, args.splits, args.val_fraction, args.seed)
     if not samples:
         raise UserError("no annotated entry has a video / frame folder: check the --videos/--frames folder")
     dup = [p for p, n in Counter(str(s.path) for s in samples).items() if n > 1]

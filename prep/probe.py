@@ -25,6 +25,8 @@ UNDECODABLE = "undecodable"
 NO_VIDEO = "no video stream"
 
 COUNT_MODES = ("decode", "packets", "header")
+# FFmpeg demuxers of raw elementary streams: no container, so no timestamps (whatever the file's name)
+RAW_FORMATS = frozenset({"h264", "hevc", "vvc", "mpegvideo", "m4v", "obu"})
 
 
 class ProbeError(Exception):
@@ -38,7 +40,7 @@ class ProbeError(Exception):
 
 @dataclass(frozen=True)
 class VideoInfo:
-    codec: str  # decoder name, e.g. h264, vp9, mjpeg
+    codec: str  # codec name, e.g. h264, vp9, av1, mjpeg (not the decoder's: libdav1d decodes av1)
     width: int
     height: int
     rate: Fraction | None  # average frame rate (frames per second); None when the file does not say
@@ -51,6 +53,8 @@ class VideoInfo:
     sample_aspect: Fraction | None = None  # pixel aspect ratio if not square
     pix_fmt: str = ""  # decoder pixel format, e.g. yuv420p, yuv420p10le, yuv444p
     rotation: int = 0  # display rotation in degrees (0, 90, 180, 270) from the first decoded frame
+    container: str = ""  # FFmpeg demuxer name, e.g. mov,mp4,m4a,3gp,3g2,mj2 / matroska,webm / h264 (raw)
+    sizes: tuple[tuple[int, int], ...] = ()  # distinct decoded frame sizes (w, h), in order (decode only)
 
     @property
     def fps(self) -> float:
@@ -62,6 +66,8 @@ def _open(path: Path) -> av.container.InputContainer:
         raise ProbeError(MISSING, "no such file")
     if path.is_dir():
         raise ProbeError(UNDECODABLE, "is a directory, not a video file")
+    if not path.is_file():  # opening a FIFO would wait for a writer forever
+        raise ProbeError(UNDECODABLE, "not a regular file (a FIFO, socket or device)")
     if path.stat().st_size == 0:
         raise ProbeError(EMPTY, "file has 0 bytes")
     try:
@@ -72,6 +78,10 @@ def _open(path: Path) -> av.container.InputContainer:
             raise ProbeError(
                 TRUNCATED, f"MP4 without its index (moov atom): an incomplete file? ({message})"
             ) from None
+        if _looks_like_cut_matroska(path):
+            raise ProbeError(
+                TRUNCATED, f"WebM/Matroska that cannot be read through: an incomplete file? ({message})"
+            ) from None
         raise ProbeError(UNDECODABLE, f"cannot open: {message}") from None
 
 
@@ -80,6 +90,12 @@ def _looks_like_cut_mp4(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(12)
     return len(head) >= 8 and head[4:8] == b"ftyp"
+
+
+def _looks_like_cut_matroska(path: Path) -> bool:
+    """A WebM/MKV that starts with the EBML magic but cannot be opened has lost its tail (cut short)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x1a\x45\xdf\xa3"
 
 
 def _is_variable(pts: list[int]) -> bool:
@@ -115,12 +131,12 @@ def probe_video(path: str | Path, count: str = "decode") -> VideoInfo:
         declared = stream.frames or (round(duration * float(rate)) if rate and duration > 0 else 0)
         sar = stream.sample_aspect_ratio
         sar = Fraction(sar) if sar and sar != 1 else None
-        num_frames, variable, error, rotation = declared, False, "", 0
+        num_frames, variable, error, rotation, sizes = declared, False, "", 0, ()
         if count != "header":
-            num_frames, pts, error, rotation = _count(container, stream, count)
+            num_frames, pts, error, rotation, sizes = _count(container, stream, count)
             variable = _is_variable(pts)
         return VideoInfo(
-            codec=ctx.name,
+            codec=getattr(ctx.codec, "canonical_name", "") or ctx.name,
             width=ctx.width or stream.width,
             height=ctx.height or stream.height,
             rate=rate,
@@ -133,18 +149,23 @@ def probe_video(path: str | Path, count: str = "decode") -> VideoInfo:
             sample_aspect=sar,
             pix_fmt=ctx.format.name if ctx.format else "",
             rotation=rotation,
+            container=container.format.name,
+            sizes=sizes,
         )
 
 
-def _count(container: av.container.InputContainer, stream, count: str) -> tuple[int, list[int], str, int]:
+def _count(container: av.container.InputContainer, stream, count: str) -> tuple:
     """Count decoded frames (or non-empty packets); also collect timestamps for the VFR check and
-    (decode only) the first frame's display rotation."""
-    n, pts, error, rotation = 0, [], "", 0
+    (decode only) the first frame's display rotation and the distinct frame sizes (a stream whose size
+    changes midway cannot be stacked into one clip)."""
+    n, pts, error, rotation, sizes = 0, [], "", 0, []
     try:
         if count == "decode":
             for frame in container.decode(stream):
                 if n == 0:
                     rotation = round(getattr(frame, "rotation", 0) or 0) % 360
+                if not sizes or sizes[-1] != (frame.width, frame.height):
+                    sizes.append((frame.width, frame.height))
                 n += 1
                 if frame.pts is not None:
                     pts.append(frame.pts)
@@ -156,7 +177,7 @@ def _count(container: av.container.InputContainer, stream, count: str) -> tuple[
                         pts.append(packet.pts)
     except (av.FFmpegError, OSError) as e:
         error = f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
-    return n, pts, error, rotation
+    return n, pts, error, rotation, tuple(dict.fromkeys(sizes))
 
 
 def count_images(folder: str | Path) -> int:

@@ -8,7 +8,11 @@ keyframes for H.264), a constant frame rate (frame i sits at i / fps) and yuv420
 Sub-folders are kept; DST/<rel>.<ext> where ext follows the codec (h264 .mp4, vp9 .webm, mjpeg .avi).
 Each output is written to a hidden temp file and renamed when ffmpeg succeeded, so an interrupted run is
 resumed by running the same command again: finished outputs are skipped, leftover temp files redone.
-Sources are only read. Failures do not stop the run; they are collected in DST/resize-report*.tsv.
+Sources are only read: an output or temp path under DST that passes through a symbolic link or resolves
+into SRC is refused before anything is written, and temp files are created with O_EXCL | O_NOFOLLOW. Raw
+H.264/HEVC elementary streams (.h264 .264 .avc .h265 .265 .hevc) are picked up too; they state no frame
+rate, so they need --fps N (else they are reported). Failures do not stop the run; they are collected
+in DST/resize-report*.tsv; Ctrl-C exits 130 and blames no source.
 DST/resize-options.json records the options the outputs were made with: a rerun with other options
 (a new --short-side, codec, gop, fps, crf or preset) is refused naming them, instead of keeping old
 outputs that do not match; `--force` re-encodes every output with the new options.
@@ -20,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from fractions import Fraction
@@ -29,15 +34,18 @@ import ffmpeg
 
 from engine.config import DefaultsHelpFormatter
 from prep.common import (
+    RAW_EXTENSIONS,
     VIDEO_EXTENSIONS,
     UserError,
     atomic_write_text,
+    create_exclusive,
     default_jobs,
     parallel_map,
     positive_int,
+    refuse_links_and_sources,
     run_cli,
 )
-from prep.probe import ProbeError, probe_video
+from prep.probe import RAW_FORMATS, ProbeError, VideoInfo, probe_video
 
 EXTENSIONS = {"h264": ".mp4", "vp9": ".webm", "mjpeg": ".avi"}
 CONTAINERS = {"h264": "mp4", "vp9": "webm", "mjpeg": "avi"}
@@ -91,24 +99,28 @@ def in_shard(rel: str, shard: tuple[int, int]) -> bool:
 
 
 def find_sources(src: Path) -> list[Path]:
-    """Video files under SRC (by extension), hidden files and folders skipped, sorted."""
+    """Video files (and raw elementary streams) under SRC by extension, hidden files and folders skipped,
+    sorted."""
     found = []
+    extensions = VIDEO_EXTENSIONS + RAW_EXTENSIONS
     for folder, dirs, files in os.walk(src):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(folder) / f for f in sorted(files)
-                  if not f.startswith(".") and Path(f).suffix.lower() in VIDEO_EXTENSIONS]  # fmt: skip
+                  if not f.startswith(".") and Path(f).suffix.lower() in extensions]  # fmt: skip
     return found
 
 
-def ffmpeg_command(src: Path, tmp: Path, rate: str, opts: Options) -> list[str]:
-    """The ffmpeg command line (built with ffmpeg-python) for one file."""
+def ffmpeg_command(src: Path, tmp: Path | str, rate: str, opts: Options, raw: bool = False) -> list[str]:
+    """The ffmpeg command line (built with ffmpeg-python) for one file; `raw`: an elementary stream,
+    whose frames are read at `rate` (it has no timestamps of its own)."""
     s = opts.short_side
     # Scale the displayed frame (width x sample aspect) so the short side is exactly `s` and the long
     # side is even (yuv420p needs even sizes); then mark pixels square. ffmpeg autorotates before this.
     portrait = "lte(iw*sar,ih)"
     width = f"if({portrait},{s},2*round({s}*iw*sar/ih/2))"
     height = f"if({portrait},2*round({s}*ih/(iw*sar)/2),{s})"
-    video = ffmpeg.input(str(src), threads=opts.threads).video
+    rate_in = {"framerate": rate} if raw else {}
+    video = ffmpeg.input(str(src), threads=opts.threads, **rate_in).video
     video = video.filter("fps", fps=rate).filter("scale", w=width, h=height).filter("setsar", 1)
     g = opts.gop
     if opts.codec == "h264":
@@ -161,25 +173,62 @@ def _packet_count(path: Path) -> int | None:
         return None
 
 
+def source_rate(source: VideoInfo, opts: Options) -> str:
+    """The frame rate to encode at: --fps, else the source's; "" when it has none to keep (raw streams
+    have no container to state one: ffmpeg's 25 fps would be a guess)."""
+    if opts.fps != "keep":
+        return opts.fps
+    if source.container in RAW_FORMATS:
+        return ""
+    return f"{source.rate.numerator}/{source.rate.denominator}" if source.rate is not None else ""
+
+
+INTERRUPTED = "interrupted"  # convert's status when ffmpeg was stopped by Ctrl-C / SIGTERM, not by its input
+
+
 def convert(job: Job, opts: Options) -> tuple[str, str]:
-    """Encode one file; returns ("done", "") or ("failed", reason). Never raises for a bad file.
+    """Encode one file; returns ("done", ""), ("failed", reason) or (INTERRUPTED, ""). Never raises for a
+    bad file.
 
     Decode errors are failures: ffmpeg runs with -xerror and any message it prints at level
-    `error` fails the file (ffmpeg exits 0 after encoding around damaged data otherwise).
+    `error` fails the file (ffmpeg exits 0 after encoding around damaged data otherwise). ffmpeg stopped
+    by a signal (Ctrl-C reaches the whole process group) is not the source's fault: INTERRUPTED.
     """
     try:
         source = probe_video(job.src, count="header")  # a clear reason for unreadable files
-        rate = opts.fps
-        if rate == "keep":
-            if source.rate is None:
-                return "failed", "the source does not state its frame rate; pass --fps N"
-            rate = f"{source.rate.numerator}/{source.rate.denominator}"
     except ProbeError as e:
         return "failed", str(e)
+    raw = source.container in RAW_FORMATS
+    rate = source_rate(source, opts)
+    if not rate:
+        if raw:
+            return "failed", (f"raw {source.codec} elementary stream (no container): it states no reliable "
+                              "frame rate; pass --fps N, the rate it was recorded at")
+        return "failed", "the source does not state its frame rate; pass --fps N"
     tmp = temp_path(job.out)
     job.out.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.is_symlink():  # planted after main's check: never write through it
+        return "failed", f"{tmp} is a symbolic link: remove it"
+    tmp.unlink(missing_ok=True)  # a leftover of an interrupted run
     try:
-        proc = subprocess.run(ffmpeg_command(job.src, tmp, rate, opts), capture_output=True, text=True)
+        fd = create_exclusive(tmp)
+    except OSError as e:
+        return "failed", f"cannot create the temp file {tmp}: {e.strerror}"
+    try:
+        # ffmpeg writes through the descriptor opened here, not by name: nothing swapped in can redirect it
+        cmd = ffmpeg_command(job.src, f"/dev/fd/{fd}", rate, opts, raw)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, pass_fds=(fd,))
+        finally:
+            os.close(fd)
+        # ffmpeg exits 255 after a SIGINT/SIGTERM it caught (silently at -v error; 255 with an error message
+        # is AVERROR(EPERM), a real failure); a negative status is a signal it did not catch
+        caught = proc.returncode == 255 and not proc.stderr.strip()
+        if caught or proc.returncode in (-signal.SIGINT, -signal.SIGTERM):
+            return INTERRUPTED, ""
+        if proc.returncode < 0:
+            return "failed", (f"ffmpeg was killed by signal {-proc.returncode} (out of memory?), not a fault "
+                              "of the source known so far: rerun to retry")
         if proc.returncode != 0:
             if _packet_count(job.src) == 0:  # ffmpeg's own words are cryptic here
                 return "failed", "zero frames: the source's video stream has no frames"
@@ -216,6 +265,14 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     if not (n >= 1 and 1 <= k <= n):
         raise UserError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
     return k, n
+
+
+def check_outputs(src: Path, dst: Path, outputs: list[Path]) -> None:
+    """Refuse (UserError) before anything is written when an output, its temp file or DST's own files
+    pass through a symbolic link or resolve into SRC (a link in DST must never let a write reach SRC)."""
+    fixed = [dst / OPTIONS_FILE, dst / "resize-report.tsv"]
+    for path in fixed + [p for out in outputs for p in (out, temp_path(out))]:
+        refuse_links_and_sources(path, dst, src, "prep.resize")
 
 
 def check_folders(src: Path, dst: Path) -> None:
@@ -277,6 +334,23 @@ def read_options(sidecar: Path) -> dict | None:
         raise UserError(f"{sidecar}: not valid JSON ({e}); --force re-encodes and rewrites it") from None
 
 
+def read_only_list(path: Path, src: Path) -> set[Path]:
+    """The resolved paths --only names; a line naming no video under SRC is an error naming the line."""
+    if not path.is_file():
+        raise UserError(f"--only {path}: file not found")
+    wanted: set[Path] = set()
+    root = src.resolve()
+    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        p = (src / line).resolve()  # an absolute line stays as it is
+        if not p.is_file() or not p.is_relative_to(root):
+            raise UserError(f"{path}:{lineno}: {line} is not a video under {src}")
+        wanted.add(p)
+    return wanted
+
+
 def report_path(dst: Path, shard: tuple[int, int]) -> Path:
     k, n = shard
     return dst / ("resize-report.tsv" if n == 1 else f"resize-report.shard-{k}-of-{n}.tsv")
@@ -302,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=positive_int, default=default_jobs(), help="parallel ffmpeg processes")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="only shard K of N (K from 1): N machines split one dataset")  # fmt: skip
+    p.add_argument("--only", metavar="LIST", type=Path,
+                   help="re-encode only the videos this file names, one path a line (absolute or relative to "
+                        "SRC), e.g. prep.audit's --expensive-list")  # fmt: skip
     p.add_argument("--force", action="store_true",
                    help=f"re-encode existing outputs (needed when DST/{OPTIONS_FILE} records other options)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -326,17 +403,20 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--crf for {args.codec} must be in {low}..{high}, got {crf}")
     threads = max(1, default_jobs() // args.jobs)
     opts = Options(args.short_side, args.codec, args.gop, args.fps, crf, args.preset, threads)
+    only = read_only_list(args.only, args.src) if args.only else None
+    sources = [s for s in find_sources(args.src)  # a.mp4 and a.webm: same shard, same output
+               if in_shard(s.relative_to(args.src).with_suffix("").as_posix(), shard)
+               and (only is None or s.resolve() in only)]  # fmt: skip
+    outputs = [output_path(s.relative_to(args.src), args.dst, args.codec) for s in sources]
+    check_outputs(args.src, args.dst, outputs)
     stale_before = prepare_options(args.dst, opts, args.force)
 
     failures: list[tuple[str, str]] = []
     jobs: list[Job] = []
     claimed: dict[Path, str] = {}
     skipped = 0
-    for src in find_sources(args.src):
+    for src, out in zip(sources, outputs, strict=True):
         rel = src.relative_to(args.src)
-        if not in_shard(rel.with_suffix("").as_posix(), shard):  # a.mp4 and a.webm: same shard, same output
-            continue
-        out = output_path(rel, args.dst, args.codec)
         if out in claimed:
             failures.append((rel.as_posix(), f"same output {out} as {claimed[out]}: rename one of them"))
             continue
@@ -354,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         for (job, _), (status, reason) in parallel_map(
             _convert_star, work, args.jobs, f"resize {args.codec}", threads=True, quiet=args.quiet
         ):
+            if status == INTERRUPTED:  # the Ctrl-C reached ffmpeg first: stop as Python's own Ctrl-C does
+                raise KeyboardInterrupt
             if status == "done":
                 done += 1
             else:

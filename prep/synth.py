@@ -30,7 +30,15 @@ import av
 import numpy as np
 
 from engine.config import DefaultsHelpFormatter
-from prep.common import UserError, atomic_write_text, default_jobs, parallel_map, positive_int, run_cli
+from prep.common import (
+    UserError,
+    atomic_write_text,
+    create_exclusive,
+    default_jobs,
+    parallel_map,
+    positive_int,
+    run_cli,
+)
 from prep.probe import ProbeError, probe_video
 
 BASE_MOTIONS = ("move_right", "move_down", "grow", "rotate_cw")
@@ -202,8 +210,10 @@ def encode_vp9(frames: np.ndarray, path: Path, crf: int) -> None:
     """
     _, h, w, _ = frames.shape
     tmp = path.with_name(f".{path.name}.part")
+    tmp.unlink(missing_ok=True)  # a leftover, or a link planted there: removing a link leaves its target
     try:
-        with av.open(str(tmp), "w", format="webm") as container:
+        # a new file (O_EXCL | O_NOFOLLOW) written through its descriptor: never through a link
+        with os.fdopen(create_exclusive(tmp), "wb") as f, av.open(f, "w", format="webm") as container:
             stream = container.add_stream("libvpx-vp9", rate=25)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             stream.codec_context.thread_count = 1

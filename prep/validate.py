@@ -6,11 +6,15 @@ Writes LIST.bad (tab-separated `entry<TAB>kind<TAB>line N: detail`, one line per
 lines appear as `LIST:LINE<TAB>malformed line<TAB>detail`) and the cleaned list next to LIST with
 `.clean` before the extension (train.txt -> train.clean.txt), with its packet index beside it
 (train.clean.txt.index, see dali_pipes/packet_index.py). The input list is never modified.
+A check of another loader route names its outputs after the route, so it never replaces the clean list
+of the default route (which a config may name): --device gpu -> train.gpu.clean.txt and
+train.txt.gpu.bad, --cpu-decoder dali -> train.dali.clean.txt and train.txt.dali.bad.
 Exit status: 0 when every entry is good, 1 when bad entries were found (both files are written either
 way), 2 for a usage error.
 
 Kinds: missing, empty, truncated, undecodable, no video stream, zero frames, frame count differs,
-unsupported codec, rotated, variable frame rate, malformed line, duplicate line. List lines are parsed by
+unsupported codec, rotated, variable frame rate, no timestamps, size changes, malformed line,
+duplicate line. List lines are parsed by
 dali_pipes.listfile, the loader's parser (one rule for comments, BOM, CRLF, fields and duplicates).
 Every image of a frame folder is test-decoded. An empty list is a usage error (exit status 2).
 
@@ -33,6 +37,8 @@ from dali_pipes.listfile import DUPLICATE, MALFORMED, Entry, ListFileError, pars
 from engine.config import DefaultsHelpFormatter
 from prep.common import (
     IMAGE_EXTENSIONS,
+    RAW_EXTENSIONS,
+    VIDEO_EXTENSIONS,
     UserError,
     atomic_write_text,
     default_jobs,
@@ -41,16 +47,18 @@ from prep.common import (
     run_cli,
     write_packet_index,
 )
-from prep.probe import EMPTY, TRUNCATED, UNDECODABLE, ProbeError, probe_video
+from prep.probe import EMPTY, RAW_FORMATS, TRUNCATED, UNDECODABLE, ProbeError, probe_video
 
 ZERO_FRAMES = "zero frames"
 COUNT_DIFFERS = "frame count differs"
 UNSUPPORTED = "unsupported codec"
 VARIABLE_FPS = "variable frame rate"
 ROTATED = "rotated"
+NO_TIMESTAMPS = "no timestamps"
+SIZE_CHANGES = "size changes"
 JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
 
-# Codecs each loader route can decode (FFmpeg decoder names, as PyAV reports them).
+# Codecs each loader route can decode (codec names: probe reports av1 for a file libdav1d decodes).
 GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mjpeg"})  # NVDEC via DALI
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})  # DALI's CPU video decoder
 # NVDEC through DALI decodes 8-bit 4:2:0 only: 10-bit, 4:2:2 and 4:4:4 H.264 have no NVDEC profile at all,
@@ -78,14 +86,17 @@ def check_video(
         info = probe_video(path, count="header")
     except ProbeError as e:
         return [(e.kind, e.detail)]
+    if info.container in RAW_FORMATS:  # whatever the name says (an Annex-B stream named .mp4)
+        why = ("no container, so its frames carry no timestamps and the loader cannot seek in it; "
+               "re-encode with prep.resize --fps N (N: the rate it was recorded at)")  # fmt: skip
+        return [(NO_TIMESTAMPS, f"a raw {info.codec} elementary stream: {why}")]
     if codecs is not None and info.codec not in codecs:
         return [
             (UNSUPPORTED, f"{info.codec} cannot be decoded by {route} (it takes {', '.join(sorted(codecs))})")
         ]
-    if pix_fmts is not None and info.pix_fmt not in pix_fmts:
-        fmt = info.pix_fmt or "unknown pixel format"
-        why = "takes 8-bit 4:2:0 only (no 10-bit, 4:2:2 or 4:4:4); re-encode with prep.resize (yuv420p)"
-        return [(UNSUPPORTED, f"{info.codec} {fmt}: {route} {why}")]
+    # A header without a pixel format (a cut file) is judged by decoding first: truncated, not "unknown".
+    if info.pix_fmt and pix_fmt_refused(info.codec, info.pix_fmt, pix_fmts, route):
+        return [pix_fmt_refused(info.codec, info.pix_fmt, pix_fmts, route)]
     try:
         info = probe_video(path, count="decode")
     except ProbeError as e:
@@ -96,10 +107,20 @@ def check_video(
     short = declared > 0 and n < declared - max(2, 0.05 * declared) and not info.variable_fps
     # A decoder error means damaged data (corruption); a stream that just ends early means a cut file.
     if info.decode_error:
-        return [(UNDECODABLE, f"decoding failed after {n} of {declared or '?'} frames: {info.decode_error}")]
+        cut = " (damaged, or cut short)" if n < declared else ""
+        why = f"decoding failed after {n} of {declared or '?'} frames{cut}: {info.decode_error}"
+        return [(UNDECODABLE, why)]
     if n == 0:
         return [(ZERO_FRAMES, "the video stream delivers no frames")]
+    if short and not info.pix_fmt:
+        return [(TRUNCATED, f"{n} frames decode but the container declares {declared}")]
+    if pix_fmt_refused(info.codec, info.pix_fmt, pix_fmts, route):
+        return [pix_fmt_refused(info.codec, info.pix_fmt, pix_fmts, route)]
     problems = []
+    if len(info.sizes) > 1:
+        sizes = " then ".join(f"{w}x{h}" for w, h in info.sizes[:3])
+        problems.append((SIZE_CHANGES, f"the frame size changes midway ({sizes}): a clip cannot mix sizes; "
+                                       "re-encode with prep.resize (one size)"))  # fmt: skip
     if short:
         problems.append((TRUNCATED, f"{n} frames decode but the container declares {declared}"))
     if n != listed:
@@ -111,6 +132,14 @@ def check_video(
         problems.append((VARIABLE_FPS, f"frame timestamps are unevenly spaced (average {info.fps:.3f} fps); "
                                        "re-encode with prep.resize"))  # fmt: skip
     return problems
+
+
+def pix_fmt_refused(codec: str, pix_fmt: str, pix_fmts: frozenset[str] | None, route: str) -> tuple | None:
+    """(UNSUPPORTED, why) when the route cannot decode this pixel format, else None."""
+    if pix_fmts is None or pix_fmt in pix_fmts:
+        return None
+    why = "takes 8-bit 4:2:0 only (no 10-bit, 4:2:2 or 4:4:4); re-encode with prep.resize (yuv420p)"
+    return UNSUPPORTED, f"{codec} {pix_fmt or 'unknown pixel format'}: {route} {why}"
 
 
 def check_image(image: Path) -> tuple[str, str] | None:
@@ -181,6 +210,8 @@ def check_entry(job: tuple) -> list[tuple[str, str]]:
     path_text, listed, codecs, route, template, start, pix_fmts = job
     path = Path(path_text)
     try:
+        if path.is_dir() and path.suffix.lower() in VIDEO_EXTENSIONS + RAW_EXTENSIONS:
+            return [(UNDECODABLE, "is a directory, not a video file")]
         if path.is_dir():
             return check_frame_folder(path, listed, template, start)
         return check_video(path, listed, codecs, route, pix_fmts)
@@ -188,11 +219,22 @@ def check_entry(job: tuple) -> list[tuple[str, str]]:
         return [(UNDECODABLE, f"unexpected {type(e).__name__} while reading: {e}")]
 
 
-def clean_list_path(list_path: Path) -> Path:
-    """train.txt -> train.clean.txt (LIST.clean without an extension)."""
+def route_tag(device: str, cpu_decoder: str) -> str:
+    """'' for the default route (cpu + pyav), else the route's name in the output names: gpu | dali."""
+    return "gpu" if device == "gpu" else ("dali" if cpu_decoder == "dali" else "")
+
+
+def clean_list_path(list_path: Path, tag: str = "") -> Path:
+    """train.txt -> train.clean.txt (LIST.clean without an extension); a route check: train.gpu.clean.txt."""
+    clean = f"{tag}.clean" if tag else "clean"
     if list_path.suffix:
-        return list_path.with_name(f"{list_path.stem}.clean{list_path.suffix}")
-    return list_path.with_name(f"{list_path.name}.clean")
+        return list_path.with_name(f"{list_path.stem}.{clean}{list_path.suffix}")
+    return list_path.with_name(f"{list_path.name}.{clean}")
+
+
+def bad_list_path(list_path: Path, tag: str = "") -> Path:
+    """LIST.bad; a route check: LIST.gpu.bad / LIST.dali.bad."""
+    return Path(f"{list_path}.{tag}.bad" if tag else f"{list_path}.bad")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
     bad_lines = set(found)
 
-    bad_path = Path(f"{list_path}.bad")
-    clean_path = clean_list_path(list_path)
+    tag = route_tag(args.device, args.cpu_decoder)
+    bad_path, clean_path = bad_list_path(list_path, tag), clean_list_path(list_path, tag)
     atomic_write_text(bad_path, "".join(f"{where}\t{kind}\t{' '.join(detail.split())}\n"
                                         for where, kind, detail in problems))  # fmt: skip
     atomic_write_text(clean_path, "".join(f"{e.text}\n" for e in entries if e.line not in bad_lines))

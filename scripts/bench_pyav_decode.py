@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dali_pipes.loader import sampling_options  # noqa: E402
+from dali_pipes.packet_index import build_video_index  # noqa: E402
 from dali_pipes.sampling import clip_indices  # noqa: E402
-from dali_pipes.video_io import decode_frames, index_video  # noqa: E402
+from dali_pipes.video_io import decode_frames  # noqa: E402
 from engine.config import DataConfig  # noqa: E402
 
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = sampling_options(DataConfig(), None)
     jobs = [(str(base / f), clip_indices(int(n), "train", opts, 0, 0, k).ravel())
             for k, (f, n, _) in enumerate(lines)]
-    index = {path: index_video(path) for path, _ in jobs}
+    index = {path: build_video_index(path) for path, _ in jobs}  # the packet index, as the loader's
     variants = {
         "decode_frames (all speed-ups)": lambda path, i, s: decode_frames(path, i, index[path], stats=s),
         "decode_frames, skip_nonref=False": lambda path, i, s: decode_frames(
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.old_rev:
         old = old_module(args.old_rev)
         variants[f"decode_frames of {args.old_rev}"] = lambda path, i, s: old.decode_frames(
-            path, i, index[path]
+            path, i, index[path], stats=s
         )
     times: dict[str, list[float]] = {k: [] for k in variants}
     stats: dict[str, dict] = {k: {} for k in variants}

@@ -20,6 +20,7 @@ COMMANDS = [
     ("prep.lists", ["kinetics"], "(default: decode)"),  # --count
     ("prep.validate", [], "(default: "),
     ("prep.synth", [], "(default: "),
+    ("prep.audit", [], "(default: 10)"),  # --top
     ("dali_pipes.profile", [], "(default: "),
     ("models.convert", [], "(default: 8)"),  # --num-segments
     ("models.summary", [], "ResNet depth for every model (default 50)"),  # stated in the help: not twice

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -218,3 +220,46 @@ def test_recipes_use_base_and_resolve_as_before():
         0.5, 0.02, 5e-4, [30, 40, 45],
     )  # fmt: skip
     assert (tam.data.batch_size, tam.eval.temporal_mode, tam.model.num_classes) == (16, "uniform", 174)
+
+
+def test_exponent_floats_without_dot_or_sign_are_numbers(tmp_path):
+    """`1e30`, `1.0e30`, `1e-3`: YAML 1.2 floats that PyYAML (YAML 1.1) reads as text, for float fields."""
+    assert load_config(None, ["--optim.lr=1e30"]).optim.lr == 1e30
+    assert load_config(None, ["--optim.lr=1.0e30"]).optim.lr == 1e30
+    assert load_config(None, ["--optim.weight_decay=5E-4"]).optim.weight_decay == 5e-4
+    cfg = load_config(write(tmp_path, "optim:\n  lr: 1e-3\ndata:\n  mean: [4e-1, 0.5, 5e-1]\n"))
+    assert cfg.optim.lr == 1e-3 and cfg.data.mean == [0.4, 0.5, 0.5]
+    with pytest.raises(ConfigError, match=r"train.epochs: expected an integer, got str '1e3'"):
+        load_config(None, ["--train.epochs=1e3"])  # an int field takes no exponent
+    assert load_config(None, ["--data.root=1e3"]).data.root == "1e3"  # a string field keeps the text
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--optim.lr=-0.1", "optim.lr: must be > 0, got -0.1"),
+        ("--optim.lr=0", "optim.lr: must be > 0, got 0"),
+        ("--optim.lr=.nan", "optim.lr: must be a finite number, got nan"),
+        ("--optim.lr=-.inf", "optim.lr: must be a finite number, got -inf"),
+        ("--optim.lr=1e400", "optim.lr: must be a finite number, got inf"),
+        ("--optim.weight_decay=-1e-4", "optim.weight_decay: must be >= 0, got -0.0001"),
+        ("--optim.momentum=1.0", r"optim.momentum: must be in \[0, 1\), got 1"),
+        ("--optim.momentum=-0.5", r"optim.momentum: must be in \[0, 1\), got -0.5"),
+        ("--optim.label_smoothing=1", r"optim.label_smoothing: must be in \[0, 1\), got 1"),
+        ("--model.dropout=1.5", r"model.dropout: must be in \[0, 1\), got 1.5"),
+        ("--train.ema=1", r"train.ema: must be in \[0, 1\), got 1"),
+        ("--data.mean=[0.4, .nan, 0.4]", r"data.mean\[1\]: must be a finite number, got nan"),
+        ("--data.batch_size=0", "data.batch_size: must be >= 1, got 0"),
+        ("--train.epochs=-1", "train.epochs: must be >= 1, got -1"),
+        ("--eval.batch_size=0", "eval.batch_size: must be >= 1, got 0"),
+    ],
+)
+def test_invalid_numbers_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=rf"^command line: {re.escape(override)}: {message}$"):
+        load_config(None, [override])
+
+
+def test_invalid_number_in_a_file_names_the_file(tmp_path):
+    p = write(tmp_path, "optim:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(p))}: optim.lr: must be > 0, got -1$"):
+        load_config(p)

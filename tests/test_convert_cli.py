@@ -124,14 +124,13 @@ def test_shift_placement_must_match_the_model(tmp_path: Path, tsm_official) -> N
     assert not (tmp_path / "out.pt").exists()
 
 
-def test_untrusted_objects_need_trust(tmp_path: Path, tsm_official, tsm_state) -> None:
-    """Official trainers may store argparse args in the file: weights_only refuses them, --trust loads."""
+def test_python_objects_beside_the_weights_load_as_stand_ins(tmp_path: Path, tsm_official, tsm_state) -> None:
+    """Official trainers may store argparse args in the file: read as an inert stand-in (no --trust)."""
     src = tmp_path / "with_args.pth.tar"
     torch.save({"state_dict": tsm_official, "args": argparse.Namespace(lr=0.01)}, src)
-    with pytest.raises(ConvertError, match=r"argparse\.Namespace.*--trust"):
-        convert_file(src, tmp_path / "out.pt", "tsm", "tsm", debug=True)
-    state = convert_file(src, tmp_path / "out.pt", "tsm", "tsm", debug=True, trust=True)
+    state = convert_file(src, tmp_path / "out.pt", "tsm", "tsm", debug=True)
     assert_equal_to(state, tsm_state)
+    assert state["meta"]["stand_ins"] == ["argparse.Namespace"]
 
 
 def test_cli_success_and_user_errors(tmp_path: Path, tsm_official, capsys) -> None:
@@ -192,7 +191,7 @@ def test_converted_file_in_evaluate_and_train_loaders(tmp_path: Path, tsm_offici
     torch.save({"state_dict": tsm_official}, src)
     convert_file(src, dst, "tsm", "tsm", debug=True)
 
-    ckpt = load_checkpoint(dst)  # weights_only, the reader train.py/evaluate.py share
+    ckpt = load_checkpoint(dst)  # the restricted reader train.py/evaluate.py share
     model = build_model(model_cfg("tsm"))
     load_model_weights(model, ckpt, str(dst), "model")
     for key, value in model.state_dict().items():

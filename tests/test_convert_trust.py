@@ -1,8 +1,9 @@
-"""`models.convert --trust` on MMAction2 1.x checkpoints, which mmengine's `Runner.save_checkpoint` writes as
+"""models.convert on MMAction2 1.x checkpoints, which mmengine's `Runner.save_checkpoint` writes as
 {meta, state_dict, message_hub, optimizer, param_schedulers}: the message hub pickles mmengine
 `HistoryBuffer` objects whose state holds the class's statistics methods (`HistoryBuffer.min`, ...), which
-pickle protocol 2 spells `getattr(HistoryBuffer, 'min')`. Without mmengine installed, every such reference
-must become an inert stand-in and the tensors of 'state_dict' must convert exactly.
+pickle protocol 2 spells `getattr(HistoryBuffer, 'min')`. The restricted reader (engine/safe_load.py) makes
+every such reference an inert stand-in, with or without mmengine installed and without `--trust` (now a
+no-op), and the tensors of 'state_dict' must convert exactly.
 
 The hand-made checkpoint below reproduces mmengine 0.10's pickled layout (a fake
 `mmengine.logging.history_buffer` module registered in sys.modules while dumping, then removed); where
@@ -26,8 +27,9 @@ import pytest
 import torch
 from test_convert_layouts import model_cfg, official_layout, randomised
 
+from engine.safe_load import Inert, inert_getattr, safe_load, stand_in
 from models import build_model
-from models.convert import ConvertError, MissingClass, convert_file, lenient_getattr, lenient_pickle, stand_in
+from models.convert import convert_file, main
 
 HISTORY_BUFFER_MODULE = "mmengine.logging.history_buffer"
 
@@ -144,7 +146,8 @@ def tsm_state() -> dict[str, torch.Tensor]:
 
 
 def assert_converts_exactly(src: Path, tmp_path: Path, tsm_state: dict[str, torch.Tensor]) -> None:
-    state = convert_file(src, tmp_path / "out.pt", "mmaction", "tsm", debug=True, trust=True)
+    state = convert_file(src, tmp_path / "out.pt", "mmaction", "tsm", debug=True)
+    assert f"{HISTORY_BUFFER_MODULE}.HistoryBuffer" in state["meta"]["stand_ins"]
     assert set(state["model"]) == set(tsm_state)
     for key, value in tsm_state.items():
         assert torch.equal(state["model"][key], value), key
@@ -152,7 +155,7 @@ def assert_converts_exactly(src: Path, tmp_path: Path, tsm_state: dict[str, torc
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
 @pytest.mark.parametrize("protocol", [2, 4])  # 2: torch.save's default (getattr); 4: 'HistoryBuffer.min'
-def test_trust_reads_an_mmengine_runner_checkpoint_without_mmengine(
+def test_reads_an_mmengine_runner_checkpoint_without_mmengine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tsm_state, protocol: int
 ) -> None:
     src = tmp_path / "tsm_mmaction2.pth"
@@ -169,23 +172,39 @@ def test_trust_reads_an_mmengine_runner_checkpoint_without_mmengine(
     else:
         assert "HistoryBuffer.min" in names  # find_class(module, 'HistoryBuffer.min')
 
-    # protocol 2 names the class; torch's safe loader stops at protocol 4's first STACK_GLOBAL unnamed
-    named = rf"{HISTORY_BUFFER_MODULE}\.HistoryBuffer.*" if protocol == 2 else ""
-    with pytest.raises(ConvertError, match=rf"{named}--trust"):
-        convert_file(src, tmp_path / "out.pt", "mmaction", "tsm", debug=True)
     assert_converts_exactly(src, tmp_path, tsm_state)
     assert sys.modules["mmengine"] is None  # nothing was imported or registered on the way
 
     # What the stand-ins hold: the pickled state as data; the methods are inert stand-ins named as in
     # mmengine (nothing of mmengine's runs, only 'state_dict' is read by the converter).
-    full = torch.load(src, map_location="cpu", weights_only=False, pickle_module=lenient_pickle)
+    full = safe_load(src).obj
     loss = full["message_hub"]["log_scalars"]["train/loss"]
-    assert isinstance(loss, MissingClass) and type(loss).__module__ == HISTORY_BUFFER_MODULE
+    assert isinstance(loss, Inert) and type(loss).__module__ == HISTORY_BUFFER_MODULE
     np.testing.assert_array_equal(loss.state["_log_history"], SCALARS["train/loss"])
     methods = loss.state["statistics_methods"]
     assert sorted(methods) == ["current", "max", "mean", "min"]
-    assert methods["min"].__qualname__ == "HistoryBuffer.min" and issubclass(methods["min"], MissingClass)
+    assert methods["min"].__qualname__ == "HistoryBuffer.min" and issubclass(methods["min"], Inert)
     assert full["message_hub"]["runtime_info"]["eta"] == 12.5
+    assert full["param_schedulers"][0]["milestones"] == collections.Counter({40: 1})
+
+
+def test_trust_is_an_accepted_no_op(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tsm_state, capsys
+) -> None:
+    """`--trust` (which once unpickled fully) is accepted, says it is ignored, and converts the same way."""
+    src = tmp_path / "tsm_mmaction2.pth"
+    with fake_mmengine(monkeypatch) as history_buffer:
+        hub = message_hub_state(history_buffer)
+        torch.save(runner_checkpoint(official_layout("mmaction", "tsm", tsm_state), hub), src)
+    hide_mmengine(monkeypatch)
+    args = [str(src), str(tmp_path / "out.pt"), "--from", "mmaction", "--model", "tsm", "--debug", "--trust"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "--trust is no longer needed and is ignored" in out and "inert stand-ins, none run" in out
+    converted = safe_load(tmp_path / "out.pt")
+    assert not converted.foreign
+    for key, value in tsm_state.items():
+        assert torch.equal(converted.obj["model"][key], value), key
 
 
 def pickled_names(path: Path) -> set[str]:
@@ -195,19 +214,16 @@ def pickled_names(path: Path) -> set[str]:
     return {arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str)}
 
 
-def test_lenient_getattr_keeps_real_attributes_and_names_missing_ones() -> None:
-    assert lenient_getattr(collections.OrderedDict, "fromkeys") == collections.OrderedDict.fromkeys
-    assert lenient_getattr(collections.OrderedDict, "gone", 7) == 7
-    renamed = lenient_getattr(collections.OrderedDict, "removed_in_a_newer_version")  # installed, older API
-    assert (
-        issubclass(renamed, MissingClass) and renamed.__qualname__ == "OrderedDict.removed_in_a_newer_version"
-    )
-    gone = lenient_getattr(collections, "gone_function")
-    assert gone.__module__ == "collections" and gone.__qualname__ == "gone_function"
+def test_getattr_in_a_pickle_always_gives_a_stand_in() -> None:
+    """Even attributes that exist: `getattr(numpy.ndarray, 'tofile')` called by a pickle would write files."""
+    real = inert_getattr(np.ndarray, "tofile")
+    assert issubclass(real, Inert) and (real.__module__, real.__qualname__) == ("numpy", "ndarray.tofile")
+    renamed = inert_getattr(collections.OrderedDict, "removed_in_a_newer_version", 7)
+    assert issubclass(renamed, Inert) and renamed.__qualname__ == "OrderedDict.removed_in_a_newer_version"
     instance = stand_in("mmengine.hooks", "Hook")()  # a bound method pickles as getattr(instance, name)
-    method = lenient_getattr(instance, "before_run")
+    method = inert_getattr(instance, "before_run")
     assert method.__module__ == "mmengine.hooks" and method.__qualname__ == "Hook.before_run"
-    assert lenient_getattr(instance, "args") == ()
+    assert isinstance(method("anything"), Inert)  # calling a stand-in only stores its arguments
 
 
 def test_the_hand_made_pickle_is_mmengines_and_converts(
@@ -248,6 +264,4 @@ def test_the_hand_made_pickle_is_mmengines_and_converts(
     checkpoint.save_checkpoint(ckpt, str(src))
 
     hide_mmengine(monkeypatch)
-    with pytest.raises(ConvertError, match=rf"{HISTORY_BUFFER_MODULE}\.HistoryBuffer.*--trust"):
-        convert_file(src, tmp_path / "out.pt", "mmaction", "tsm", debug=True)
     assert_converts_exactly(src, tmp_path, tsm_state)

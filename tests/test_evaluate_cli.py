@@ -153,3 +153,34 @@ def test_mismatch_refused_unless_allowed_and_outputs_never_overwritten(demo_chec
     assert evaluate.main([*base, "--out", str(tsn), "--overwrite"]) == 0
     assert json.loads(str(reports.load_dump(tsn)["identity"]))["model.name"] == "tsm"
     assert oct(tsn.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+
+
+def test_a_directory_named_like_a_video_is_one_line(demo_checkpoint, tmp_path, capsys):
+    """A list line naming a folder `dir.mp4`: exit status 2 and one line naming list:line and 'is a
+    directory' (was a raw IsADirectoryError from the packet index)."""
+    (tmp_path / "dir.mp4").mkdir()
+    listed = tmp_path / "val.txt"
+    listed.write_text("dir.mp4 8 0\n")
+    assert evaluate.main(["--checkpoint", str(demo_checkpoint), f"--data.val_list={listed}",
+                          "--data.num_workers=0", "--out", str(tmp_path / "scores.npz")]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert f"{listed}:1: bad sample {tmp_path / 'dir.mp4'}: is a directory" in err, err
+    assert "Traceback" not in err
+
+
+def test_report_prints_the_fingerprint_and_says_when_the_list_differs(demo_checkpoint, tmp_path, capsys):
+    """The scored list's dataset fingerprint follows the table; a checkpoint whose run validated on other
+    data gets one line saying so (train.py stores its val fingerprint in every checkpoint)."""
+    from dali_pipes.fingerprint import list_fingerprint
+
+    state = torch.load(demo_checkpoint, weights_only=True)
+    cfg = load_config(demo_checkpoint.parents[1] / "cfg.yaml")
+    same = list_fingerprint(cfg.data.val_list, cfg.data, cfg.eval).as_dict()
+    base = ["--views=1x1", "--progress-every=0"]
+    for digest, noted in ((same["digest"], False), ("0123456789ab", True)):
+        stored = {"val": {**same, "digest": digest}}
+        ckpt = save_checkpoint(tmp_path / digest / "ckpt.pt", {**state, "dataset": stored})
+        assert evaluate.main(["--checkpoint", str(ckpt), *base]) == 0
+        out = capsys.readouterr().out
+        assert f"scored: data {same['digest']}: 3 videos, 3 classes, 0 bad" in out
+        assert ("differs from the one the checkpoint validated on (data 0123456789ab)" in out) == noted

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import faulthandler
+import os
 import re
 import shutil
 import signal
@@ -35,6 +36,7 @@ from engine.config import DataConfig
 from prep.common import UserError
 from prep.probe import probe_video
 from prep.resize import main as resize_main
+from prep.validate import bad_list_path
 from prep.validate import main as validate_main
 
 TIMEOUT_S = 120  # per test; a test past it fails (SIGALRM), and the whole run is ended 60 s later
@@ -171,6 +173,37 @@ def _copy(path: Path, good: Path) -> None:
     shutil.copy(good, path)
 
 
+def _directory(path: Path, good: Path) -> None:
+    """A folder that carries a video's name (dir.mp4): not a frame folder, not a video."""
+    path.mkdir()
+
+
+def _fifo(path: Path, good: Path) -> None:
+    """A named pipe with a video's name: opening it for reading would block until a writer comes."""
+    os.mkfifo(path)
+
+
+def _raw_h264(path: Path, good: Path) -> None:
+    """An H.264 elementary stream (Annex B): no container, no timestamps, whatever the file is called."""
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=25", "-frames:v", str(FRAMES), "-c:v", "libx264",
+            "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-f", "h264", str(path))  # fmt: skip
+
+
+def _size_change(path: Path, good: Path) -> None:
+    """MKV whose H.264 stream switches from 64x48 to 96x64 at frame 8 (a re-joined recording)."""
+    parts = []
+    for k, size in enumerate(("64x48", "96x64")):
+        part = path.with_name(f"size_part{k}.tmp.h264")
+        _ffmpeg("-f", "lavfi", "-i", f"testsrc=size={size}:rate=25", "-frames:v", str(FRAMES // 2), "-c:v",
+                "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(part))  # fmt: skip
+        parts.append(part)
+    joined = path.with_name("size_joined.tmp.h264")
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    _ffmpeg("-r", "25", "-i", str(joined), "-c", "copy", str(path))
+    for p in (*parts, joined):
+        p.unlink()
+
+
 @dataclass(frozen=True)
 class VideoCase:
     """One kind of bad (or odd) video file and what every tool must do with it."""
@@ -207,6 +240,11 @@ VIDEO_CASES = [
     VideoCase("one_frame.webm", _one_frame, "", "ok", "done", listed=1),
     VideoCase("open_gop.mp4", _open_gop, "", "ok", "done", listed=32),
     VideoCase("dir ä/clip ü é.webm", _unicode_path, "", "ok", "done"),
+    VideoCase("dir.mp4", _directory, "undecodable", "bad", "", "is a directory"),
+    VideoCase("fifo.mp4", _fifo, "undecodable", "bad", "", "not a regular file"),
+    VideoCase("raw.h264", _raw_h264, "no timestamps", "bad", "failed", "elementary stream|no timestamp"),
+    VideoCase("annexb.mp4", _raw_h264, "no timestamps", "bad", "failed", "elementary stream|no timestamp"),
+    VideoCase("size_change.mkv", _size_change, "size changes", "bad", "done", "size changes midway"),
 ]
 BAD_VIDEOS = [c for c in VIDEO_CASES if c.loader == "bad"]
 VIDEO_IDS = [Path(c.name).stem.replace(" ", "_") for c in VIDEO_CASES]
@@ -231,10 +269,10 @@ def run_loader(data: DataConfig, mode: str) -> tuple[list[int], object]:
     return ids, loader
 
 
-def bad_report(list_path: Path) -> dict[str, dict[str, str]]:
-    """LIST.bad as {entry: {kind: detail}}."""
+def bad_report(list_path: Path, tag: str = "") -> dict[str, dict[str, str]]:
+    """LIST.bad (a route check: LIST.<tag>.bad) as {entry: {kind: detail}}."""
     found: dict[str, dict[str, str]] = {}
-    for line in Path(f"{list_path}.bad").read_text(encoding="utf-8").splitlines():
+    for line in bad_list_path(list_path, tag).read_text(encoding="utf-8").splitlines():
         where, kind, detail = line.split("\t")
         found.setdefault(where, {})[kind] = detail
     return found
@@ -284,11 +322,31 @@ def test_validate_gpu_route_refuses_what_nvdec_cannot_decode(videos: Path) -> No
     listed.write_text(f"good.webm {FRAMES} 0\nten_bit.mp4 {FRAMES} 0\nyuv444.mp4 {FRAMES} 0\n"
                       f"odd_65x49.webm {FRAMES} 0\n")  # fmt: skip
     assert validate_main([str(listed), "--device", "gpu", "--jobs", "1", "--quiet"]) == 1
-    report = bad_report(listed)
+    report = bad_report(listed, "gpu")
     assert set(report) == {"ten_bit.mp4", "yuv444.mp4"}
     assert "yuv420p10le" in report["ten_bit.mp4"]["unsupported codec"]
     assert "yuv444p" in report["yuv444.mp4"]["unsupported codec"]
     assert all("8-bit 4:2:0" in r["unsupported codec"] for r in report.values())
+
+
+def test_validate_gpu_route_calls_a_cut_file_cut_not_an_unknown_pixel_format(tmp_path: Path) -> None:
+    """MP4 (index first) and WebM cut at 10 %: their headers give no pixel format; --device gpu judged
+    that before decoding ("unknown pixel format"). Now the decode decides: truncated or damaged."""
+    mp4 = tmp_path / "full.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=25", "-frames:v", "32", "-c:v", "libx264",
+            "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(mp4))  # fmt: skip
+    webm = write_clip(tmp_path / "full.webm", num_frames=32, width=64, height=48)
+    write_cut_copy(mp4, tmp_path / "cut.mp4", 0.1)
+    write_cut_copy(webm, tmp_path / "cut.webm", 0.1)
+    listed = tmp_path / "cut.txt"
+    listed.write_text("cut.mp4 32 0\ncut.webm 32 0\n")
+    assert validate_main([str(listed), "--device", "gpu", "--jobs", "1", "--quiet"]) == 1
+    report = bad_report(listed, "gpu")
+    for name in ("cut.mp4", "cut.webm"):
+        kinds = report[name]
+        assert "unsupported codec" not in kinds and "pixel format" not in str(kinds), (name, kinds)
+        found = kinds.get("truncated", kinds.get("undecodable", ""))
+        assert re.search("cut short|incomplete|declares", found), kinds
 
 
 @pytest.mark.parametrize("case", VIDEO_CASES, ids=VIDEO_IDS)
@@ -330,6 +388,18 @@ def test_loader_skip_bad_val_leaves_out_and_counts(videos: Path, skip_list: Path
     ids, loader = run_loader(data_cfg(skip_list, root=str(videos), skip_bad=True, batch_size=4), "val")
     assert sorted(ids) == sorted(set(range(len(VIDEO_CASES) + 1)) - bad_ids)  # each good video once
     assert loader.left_out == len(bad_ids) and loader.replaced == 0
+
+
+@pytest.mark.parametrize("mode", ["val", "test"])
+def test_loader_skip_bad_eval_warns_once_per_left_out_sample(videos: Path, tmp_path: Path, caplog, mode):
+    """A bad val/test sample is left out and warned about once (not once per replacement tried)."""
+    listed = tmp_path / "one_bad.txt"
+    listed.write_text(f"good.webm {FRAMES} 0\nempty.webm {FRAMES} 1\nodd_65x49.webm {FRAMES} 1\n")
+    with caplog.at_level("WARNING"):
+        ids, loader = run_loader(data_cfg(listed, root=str(videos), skip_bad=True, batch_size=1), mode)
+    warned = [r.getMessage() for r in caplog.records if "empty.webm" in r.getMessage()]
+    assert ids == [0, 2] and loader.left_out == 1
+    assert len(warned) == 1 and warned[0].endswith("(data.skip_bad: left out)"), warned
 
 
 def test_loader_worker_processes_name_the_line_and_file_too(videos: Path, tmp_path: Path) -> None:
@@ -583,6 +653,11 @@ LIST_CASES = [
     ListCase("num_frames_zero", f"{A}\nb.webm 0 1\n".encode(), 2, ">= 1"),
     ListCase("label_out_of_range", f"{A}\nb.webm 16 5\n".encode(), 2, "out of range: there are 2 classes"),
     ListCase("duplicate", f"{A}\n{B}\n./{A}\n".encode(), 3, "already listed on line 1", "duplicate line"),
+    ListCase("duplicate_through_link", f"{A}\n{B}\nlink.webm {FRAMES} 0\n".encode(), 3,
+             "same file as line 1 .* through a link", "duplicate line"),  # fmt: skip
+    ListCase("num_frames_huge", f"{A}\nb.webm 99999999999999999999 1\n".encode(), 2, "at most 2147483647"),
+    ListCase("label_huge", f"{A}\nb.webm 16 99999999999999999999\n".encode(), 2, "at most 2147483647"),
+    ListCase("nul_byte_in_path", f"{A}\nb\0.webm 16 1\n".encode(), 2, "NUL byte"),
     ListCase("not_utf8", f"{A}\n".encode() + b"b\xff.webm 16 1\n", 2, "UTF-8"),
     ListCase("utf8_bom", f"\ufeff{A}\n{B}\n".encode(), 0, "", samples=2),
     ListCase("crlf", f"{A}\r\n{B}\r\n".encode(), 0, "", samples=2),
@@ -598,6 +673,7 @@ def list_root(tmp_path_factory, ffmpeg_available) -> Path:
     root = tmp_path_factory.mktemp("lists")
     write_clip(root / "a.webm", num_frames=FRAMES, width=64, height=48)
     write_clip(root / "b.webm", num_frames=FRAMES, width=64, height=48, seed=1)
+    (root / "link.webm").symlink_to("a.webm")  # the same file under another name
     (root / "classes.txt").write_text("zero\none\n")  # validate checks labels against it
     return root
 
@@ -613,7 +689,7 @@ def test_list_rules_shared_by_validate_and_loader(list_root: Path, case: ListCas
         assert case.kind in report[f"{listed}:{case.bad_line}"]
         assert re.search(case.why, report[f"{listed}:{case.bad_line}"][case.kind])
         good = (list_root / f"{case.name}.clean.txt").read_text()
-        assert good.splitlines() == [A] + ([B] if case.name == "duplicate" else [])
+        assert good.splitlines() == [A] + ([B] if case.name.startswith("duplicate") else [])
         if case.name == "label_out_of_range":  # the loader does not know the class count (train.py does)
             assert len(read_list(listed)) == 2
             return
@@ -661,3 +737,50 @@ def test_lists_writes_each_file_once_per_list(tmp_path: Path) -> None:
     assert len(read_list(out / "train.txt")) == 1 and len(read_list(out / "val.txt")) == 1
     report = (out / "lists-report.tsv").read_text()
     assert "train.csv:2" in report and "annotated again in train (kept: " in report
+
+
+# ---- AV1 ---------------------------------------------------------------------------------------------
+
+
+def _av1_encoder() -> str:
+    """libsvtav1 first (its hierarchical mini-GOPs have the non-reference frames that the loader once lost),
+    else libaom-av1 / librav1e; '' when this ffmpeg has no AV1 encoder."""
+    found = subprocess.run(["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+    return next((e for e in ("libsvtav1", "libaom-av1", "librav1e") if f" {e} " in found), "")
+
+
+@pytest.fixture(scope="module")
+def av1_clip(tmp_path_factory, ffmpeg_available) -> Path:
+    encoder = _av1_encoder()
+    if not encoder:
+        pytest.skip("this ffmpeg has no AV1 encoder (libsvtav1, libaom-av1, librav1e)")
+    path = tmp_path_factory.mktemp("av1") / "av1.mp4"
+    speed = {"libsvtav1": ["-preset", "12"], "libaom-av1": ["-cpu-used", "8"], "librav1e": ["-speed", "10"]}
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=25", "-frames:v", "32", "-c:v", encoder,
+            *speed[encoder], "-pix_fmt", "yuv420p", str(path))  # fmt: skip
+    return path
+
+
+def test_av1_every_frame_decodes_when_sought(av1_clip: Path) -> None:
+    """Train mode asks for frames whose GOP starts with unwanted packets: FFmpeg's libdav1d wrapper reads
+    skip_frame once when it opens, so it must not be opened skipping non-reference frames."""
+    ref = decode_all(str(av1_clip))
+    assert len(ref) == 32
+    for wanted in ([3], [5], [3, 10, 20, 30], [1, 7, 13, 27], list(range(1, 32, 2))):
+        assert np.array_equal(decode_frames(str(av1_clip), np.array(wanted)), ref[wanted]), wanted
+
+
+def test_av1_loads_in_train_mode_and_validates_on_both_routes(av1_clip: Path, tmp_path: Path) -> None:
+    listed = tmp_path / "av1.txt"
+    listed.write_text(f"{av1_clip} 32 0\n{av1_clip.with_name('copy.mp4')} 32 1\n")
+    shutil.copy(av1_clip, av1_clip.with_name("copy.mp4"))
+    for epoch in range(3):
+        loader = build_loader(data_cfg(listed, batch_size=1, num_segments=8), "train")
+        loader.set_epoch(epoch)
+        try:
+            assert sorted(i for batch in loader for i in batch["ids"].tolist()) == [0, 1]
+        finally:
+            loader.close()
+    assert validate_main([str(listed), "--jobs", "1", "--quiet"]) == 0
+    # NVDEC takes AV1: the verdict compares the codec (av1), not the decoder's name (libdav1d)
+    assert validate_main([str(listed), "--device", "gpu", "--jobs", "1", "--quiet"]) == 0

@@ -167,10 +167,10 @@ def test_a_video_the_decoder_fails_on_is_skipped(setup, tmp_path, monkeypatch, c
 
     real = source.decode_frames
 
-    def failing(path, indices, index=None):
+    def failing(path, indices, index=None, **options):
         if "grow" in str(path):
             raise VideoReadError(f"{path}: simulated decoder failure")
-        return real(path, indices, index)
+        return real(path, indices, index, **options)
 
     monkeypatch.setattr(source, "decode_frames", failing)
     out = tmp_path / "preds.json"
@@ -182,7 +182,7 @@ def test_a_video_the_decoder_fails_on_is_skipped(setup, tmp_path, monkeypatch, c
     failed = {Path(f["video"]).name: f["error"] for f in doc["failed"]}
     assert "undecodable" in failed["broken.webm"] and "test pipeline" in failed["grow.webm"]
 
-    def always(path, indices, index=None):
+    def always(path, indices, index=None, **options):
         raise VideoReadError(f"{path}: simulated decoder failure")
 
     monkeypatch.setattr(source, "decode_frames", always)
@@ -239,3 +239,47 @@ def test_predictor_api_matches_the_command(setup, tmp_path):
     assert results[0].topk == got and results[1].error and not results[1].topk
     with pytest.raises(ValueError, match="broken.webm"):
         p(setup["folder"] / "broken.webm")
+
+
+def test_a_symlinked_duplicate_and_a_rotated_clip_are_scored(setup, tmp_path, capsys):
+    """M = {a, b, link -> a, rotated}: every file is scored ("0 of 3 scored" before: the temporary list
+    held a twice); the link gets a's scores under its own name; the rotated clip is turned upright on the
+    PyAV route (as FFmpeg's autorotate shows it) and scored, with no warning repeated."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(setup["folder"] / "grow.webm", folder / "a.webm")
+    shutil.copy(setup["folder"] / "move_left.webm", folder / "b.webm")
+    (folder / "link.webm").symlink_to(folder / "a.webm")
+    plain = tmp_path / "plain.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(folder / "b.webm"), "-c:v", "libx264",
+                    "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(plain)], check=True)  # fmt: skip
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(plain), "-c", "copy", "-metadata:s:v:0",
+                    "rotate=90", str(folder / "rotated.mp4")], check=True)  # fmt: skip
+    out = tmp_path / "p.json"
+    assert predict.main([str(setup["ckpt"]), str(folder), "--out", str(out), "--topk", "3"]) == 0
+    printed = capsys.readouterr()
+    assert "4 of 4 video(s) scored" in printed.out, printed.out
+    assert printed.err.count("rotation") <= 1 and printed.out.count("rotation") <= 1
+    rows = {Path(v["video"]).name: v["topk"] for v in json.loads(out.read_text())["videos"]}
+    assert set(rows) == {"a.webm", "b.webm", "link.webm", "rotated.mp4"}
+    assert rows["link.webm"] == rows["a.webm"]
+
+
+def test_rotation_is_applied_as_ffmpeg_shows_it(tmp_path):
+    """decode_frames(rotate=True) returns what FFmpeg's autorotate returns, for 90, 180 and 270."""
+    from dali_pipes.video_io import decode_frames
+
+    plain = tmp_path / "plain.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25",
+                    "-frames:v", "2", "-c:v", "libx264", "-preset", "ultrafast", "-qp", "0", "-pix_fmt",
+                    "yuv444p", str(plain)], check=True)  # fmt: skip
+    for degrees, shape in ((90, (64, 48)), (180, (48, 64)), (270, (64, 48))):
+        rotated = tmp_path / f"r{degrees}.mp4"
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(plain), "-c", "copy",
+                        "-metadata:s:v:0", f"rotate={degrees}", str(rotated)], check=True)  # fmt: skip
+        shown = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(rotated), "-frames:v", "1",
+                                "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True,
+                               check=True).stdout  # fmt: skip
+        ours = decode_frames(str(rotated), np.array([0]), rotate=True)[0]
+        assert ours.shape[:2] == shape
+        assert np.array_equal(ours, np.frombuffer(shown, np.uint8).reshape(ours.shape)), degrees

@@ -3,13 +3,12 @@ loader or model is built; model.num_classes that does not fit the data's classes
 
 from __future__ import annotations
 
-import pytest
 import torch
 from test_train_faults import _no_loader, _write_config
 from test_train_step import _restore_threads, tiny_config  # noqa: F401
 
 import train
-from engine.preflight import check_num_classes
+from engine.preflight import preflight_problems
 
 
 def test_config_errors_and_preflight_findings_in_one_block(monkeypatch, tmp_path, capsys):
@@ -45,21 +44,15 @@ def test_preflight_alone_collects_every_finding(monkeypatch, tmp_path, capsys):
     assert any("missing.txt" in line for line in lines) and any("train.out_dir" in line for line in lines)
 
 
-@pytest.mark.parametrize("with_classes_txt", [True, False])
-def test_num_classes_that_does_not_fit_the_data_is_a_warning(tmp_path, with_classes_txt):
+def test_a_class_count_that_does_not_fit_the_data_is_a_warning_among_the_findings(tmp_path):
+    """The training list's class count (engine.preflight.class_count_warning) is checked in the same pass
+    as the problems, and comes back as a warning, not a problem."""
     (tmp_path / "train.txt").write_text("a.webm 16 0\nb.webm 16 3\n")
-    if with_classes_txt:
-        (tmp_path / "classes.txt").write_text("a\nb\nc\nd\n")
-    from dali_pipes.listfile import read_list
-
-    entries = {"t": read_list(tmp_path / "train.txt")}
-    cfg = tiny_config(tmp_path, **{"data.train_list": str(tmp_path / "train.txt"), "model.num_classes": 400})
-    warning = check_num_classes(cfg, entries)
-    if with_classes_txt:
-        assert warning == f"model.num_classes is 400 but {tmp_path / 'classes.txt'} names 4 classes"
-    else:
-        assert warning == (
-            "model.num_classes is 400 but the lists use labels 0..3 (4 classes; no classes.txt found)"
-        )
-    fits = tiny_config(tmp_path, **{"data.train_list": str(tmp_path / "train.txt"), "model.num_classes": 4})
-    assert check_num_classes(fits, entries) == ""
+    (tmp_path / "classes.txt").write_text("a\nb\nc\nd\n")
+    items = {"data.train_list": str(tmp_path / "train.txt"), "train.eval_every": 0}
+    cfg = tiny_config(tmp_path, **items, **{"model.num_classes": 400})
+    problems, warnings = preflight_problems(cfg, False, False, ["train_list"], make_out_dir=False)
+    assert problems == [] and len(warnings) == 1
+    assert warnings[0].startswith(f"model.num_classes is 400 but {tmp_path / 'classes.txt'} names 4 classes")
+    fits = tiny_config(tmp_path, **items, **{"model.num_classes": 4})
+    assert preflight_problems(fits, False, False, ["train_list"], make_out_dir=False) == ([], [])

@@ -195,3 +195,51 @@ def test_folders_split_dirs(ffmpeg_available, tmp_path: Path) -> None:
     assert read_list(out / "val.txt") == [("../data/val/b/z.avi", 6, 1)]
     with pytest.raises(UserError, match="split folder not found"):
         main(["folders", "--root", str(root), "--splits", "train", "test", "--out", str(out)])
+
+
+def test_folders_odd_names_empty_classes_and_fifos_are_reported(ffmpeg_available, tmp_path, capsys) -> None:
+    """A frame folder "take 2" would give the line `.../take 2 3 0`, which the loader's parser refuses (too
+    many fields): it is left out and reported naming the folder. An empty class folder keeps its id (the
+    later ids do not shift) with one warning line. A FIFO is reported, not dropped without a word."""
+    import os
+
+    from dali_pipes.listfile import read_list as loader_read_list
+
+    root, out = tmp_path / "ucf", tmp_path / "lists"
+    clip(root / "a_walk" / "v1.avi", 4)
+    write_jpeg_folder(root / "a_walk" / "take 2", 3)
+    (root / "b_empty").mkdir(parents=True)
+    clip(root / "c_run" / "v2.avi", 5)
+    os.mkfifo(root / "c_run" / "stream.mp4")
+    assert main(["folders", "--root", str(root), "--out", str(out), "--quiet", "--jobs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert (out / "classes.txt").read_text().splitlines() == ["a_walk", "b_empty", "c_run"]
+    assert read_list(out / "all.txt") == [("../ucf/a_walk/v1.avi", 4, 0), ("../ucf/c_run/v2.avi", 5, 2)]
+    assert len(loader_read_list(out / "all.txt")) == 2  # every written line reads back
+    assert err.count("\n") == 1 and "b_empty holds no videos" in err and "keeps class id 1" in err
+    report = (out / "lists-report.tsv").read_text()
+    assert "take 2" in report and "would not read back (too many fields" in report
+    assert f"{root / 'c_run' / 'stream.mp4'}\ta FIFO" in report
+
+
+def test_format_line_refuses_what_the_parser_would_misread() -> None:
+    from dali_pipes.listfile import format_line
+
+    assert format_line("a b/c d.webm", 8, 0) == "a b/c d.webm 8 0"
+    for rel in ("frames/take 2", "x.webm ", "#x.webm", "a\nb.webm"):
+        with pytest.raises(ValueError, match="would not read back"):
+            format_line(rel, 8, 0)
+
+
+def test_folders_link_to_a_listed_file_is_written_once(ffmpeg_available, tmp_path: Path) -> None:
+    """A class folder holding a.avi and link.avi -> a.avi: the list holds the file once (the loader would
+    refuse the second line as a duplicate), and the link is reported."""
+    from dali_pipes.listfile import read_list as loader_read_list
+
+    root, out = tmp_path / "ucf", tmp_path / "lists"
+    clip(root / "walk" / "a.avi", 4)
+    (root / "walk" / "link.avi").symlink_to(root / "walk" / "a.avi")
+    assert main(["folders", "--root", str(root), "--out", str(out), "--quiet", "--jobs", "1"]) == 0
+    assert read_list(out / "all.txt") == [("../ucf/walk/a.avi", 4, 0)]
+    assert len(loader_read_list(out / "all.txt")) == 1
+    assert "link.avi" in (out / "lists-report.tsv").read_text()

@@ -148,12 +148,15 @@ def test_other_options_are_refused_and_force_re_encodes(ffmpeg_available, tmp_pa
         main([str(src), str(legacy), "--codec", "mjpeg", "--quiet"])
 
 
-def test_ctrl_c_then_resume(ffmpeg_available, tmp_path: Path) -> None:
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_ctrl_c_then_resume(ffmpeg_available, tmp_path: Path, jobs: str) -> None:
+    """Ctrl-C (SIGINT to the process group: ffmpeg gets it too) exits 130 and blames no source in the
+    report, with one ffmpeg inline or several on threads."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     for i in range(6):
         write_clip(src / f"c{i}.webm", num_frames=24, width=64, height=48, seed=i)
     cmd = [sys.executable, "-m", "prep.resize", str(src), str(dst), "--short-side", "32", "--codec", "vp9",
-           "--gop", "4", "--jobs", "1", "--quiet"]  # fmt: skip
+           "--gop", "4", "--jobs", jobs, "--quiet"]  # fmt: skip
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not list(dst.glob("*.webm")) and proc.poll() is None and time.monotonic() < deadline:
@@ -161,7 +164,8 @@ def test_ctrl_c_then_resume(ffmpeg_available, tmp_path: Path) -> None:
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     _, err = proc.communicate(timeout=60)
     if proc.returncode != 0:  # it may have finished before the signal arrived
-        assert proc.returncode == 130 and b"resume" in err and b"Traceback" not in err
+        assert proc.returncode == 130 and b"resume" in err and b"Traceback" not in err, err
+        assert (dst / "resize-report.tsv").read_text() == "", "an interrupted encode blames no source"
     finished = {p: p.stat().st_mtime_ns for p in dst.glob("*.webm")}
     assert finished and not list(dst.glob(".*.part"))
     assert subprocess.run(cmd, capture_output=True).returncode == 0
@@ -201,3 +205,114 @@ def test_shards_split_the_files_exactly_once() -> None:
     assert all(len(o) == 1 for o in owners)
     sizes = [sum(o == [k] for o in owners) for k in range(1, 4)]
     assert min(sizes) > 120  # roughly even
+
+
+def _link_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """SRC={a.webm, sub/b.webm, sub/c.webm} and an empty DST (the issue-23 layouts add links to it)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for rel in ("a.webm", "sub/b.webm", "sub/c.webm"):
+        write_clip(src / rel, num_frames=4, width=32, height=24)
+    dst.mkdir()
+    return src, dst
+
+
+@pytest.mark.parametrize("layout", ["linked_folder", "linked_temp", "linked_output"])
+def test_links_in_dst_never_let_a_write_reach_src(ffmpeg_available, tmp_path: Path, layout: str) -> None:
+    """`ln -s SRC/sub DST/sub`, `ln -s SRC/a.webm DST/.a.webm.part` (and the output itself a link):
+    refused with one line and exit status 2 before anything is written; SRC is byte-for-byte the same."""
+    src, dst = _link_tree(tmp_path)
+    link, target = {
+        "linked_folder": (dst / "sub", src / "sub"),
+        "linked_temp": (dst / ".a.webm.part", src / "a.webm"),
+        "linked_output": (dst / "a.webm", src / "a.webm"),
+    }[layout]
+    link.symlink_to(target)
+    before = tree_fingerprint(src)
+    cmd = [sys.executable, "-m", "prep.resize", str(src), str(dst), "--codec", "vp9", "--short-side", "16",
+           "--quiet", "--jobs", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {link} is a symbolic link")
+    assert tree_fingerprint(src) == before and sorted(p.name for p in src.rglob("*")) == [
+        "a.webm", "b.webm", "c.webm", "sub"]  # fmt: skip
+    assert not (dst / "resize-options.json").exists(), "refused before anything was written"
+
+
+def test_temp_files_are_created_exclusively_and_never_followed(tmp_path: Path) -> None:
+    """create_exclusive (the temp file ffmpeg writes through) refuses a planted link and a leftover."""
+    from prep.common import create_exclusive
+
+    victim = tmp_path / "victim.mp4"
+    victim.write_bytes(b"source")
+    (tmp_path / ".x.part").symlink_to(victim)
+    with pytest.raises(OSError):
+        create_exclusive(tmp_path / ".x.part")
+    (tmp_path / ".y.part").write_bytes(b"left over")
+    with pytest.raises(FileExistsError):
+        create_exclusive(tmp_path / ".y.part")
+    assert victim.read_bytes() == b"source"
+
+
+def test_raw_elementary_streams_are_reencoded_with_fps_or_reported(ffmpeg_available, tmp_path: Path) -> None:
+    """.h264/.hevc streams have no container and no timestamps: picked up, reported without --fps (naming
+    the option), re-encoded 1:1 with it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, codec in (("a.h264", "libx264"), ("b.hevc", "libx265")):
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i",
+                        "testsrc=size=64x48:rate=25", "-frames:v", "12", "-c:v", codec, "-preset",
+                        "ultrafast", str(src / name)],
+                       check=True, capture_output=True)  # fmt: skip
+    dst = tmp_path / "dst"
+    assert main([str(src), str(dst), "--short-side", "32", "--quiet", "--jobs", "1"]) == 1
+    report = dict(line.split("\t") for line in (dst / "resize-report.tsv").read_text().splitlines())
+    assert set(report) == {"a.h264", "b.hevc"}
+    assert all("elementary stream" in r and "--fps N" in r for r in report.values()), report
+    dst2 = tmp_path / "dst2"
+    assert main([str(src), str(dst2), "--short-side", "32", "--fps", "25", "--quiet", "--jobs", "1"]) == 0
+    for name in ("a.mp4", "b.mp4"):
+        info = ffprobe_video(dst2 / name)
+        assert len(info["frames"]) == 12 and info["streams"][0]["codec_name"] == "h264"
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def test_ctrl_c_that_reaches_ffmpeg_first_blames_no_source(ffmpeg_available, tmp_path: Path) -> None:
+    """The race behind the issue-23 report (rc 1 and the source blamed in resize-report.tsv): ffmpeg gets
+    the SIGINT and exits 255 before Python's own KeyboardInterrupt. Made deterministic here by signalling
+    the ffmpeg child alone: exit status 130, an empty report, no traceback."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for i in range(2):
+        write_clip(src / f"c{i}.webm", num_frames=150, width=320, height=240, seed=i)
+    cmd = [sys.executable, "-m", "prep.resize", str(src), str(dst), "--short-side", "64", "--codec", "vp9",
+           "--gop", "4", "--jobs", "1", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, ffmpeg_pid = time.monotonic() + 60, None
+    while ffmpeg_pid is None and proc.poll() is None and time.monotonic() < deadline:
+        kids = [c for c in _children(proc.pid) if Path(f"/proc/{c}/comm").read_text().strip() == "ffmpeg"]
+        ffmpeg_pid = kids[0] if kids else None
+        time.sleep(0.01)
+    assert ffmpeg_pid is not None, "no ffmpeg was seen running"
+    os.kill(ffmpeg_pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and b"interrupted" in err
+    assert (dst / "resize-report.tsv").read_text() == "", "an interrupted encode blames no source"
+
+
+def test_a_fifo_among_the_sources_is_reported_not_waited_on(ffmpeg_available, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_clip(src / "ok.webm", num_frames=4, width=32, height=24)
+    os.mkfifo(src / "pipe.mp4")
+    assert main([str(src), str(tmp_path / "dst"), "--short-side", "16", "--quiet", "--jobs", "1"]) == 1
+    report = (tmp_path / "dst" / "resize-report.tsv").read_text()
+    assert report.startswith("pipe.mp4\tundecodable: not a regular file"), report

@@ -92,3 +92,20 @@ def test_rerun_is_a_no_op_and_foreign_folders_are_refused(tmp_path: Path) -> Non
     with pytest.raises(UserError, match="unknown"):
         main([str(tmp_path / "x"), "--classes", "jump", *SMALL])
     assert set(DEFAULT_CLASSES) == set(REVERSE_OF) | set(REVERSE_OF.values())
+
+
+def test_a_link_planted_as_a_temp_file_is_never_written_through(tmp_path: Path) -> None:
+    """`ln -s victim OUT/videos/grow/.train_0000.webm.part` before a rerun that redoes that clip: the clip
+    is written to a new file, the link's target is untouched."""
+    victim = tmp_path / "victim.webm"
+    victim.write_bytes(b"someone's video")
+    argv = [str(tmp_path / "out"), "--classes", "grow", *SMALL, "--jobs", "1"]
+    assert main(argv) == 0
+    folder = tmp_path / "out" / "videos" / "grow"
+    (folder / "train_0000.webm").unlink()
+    (tmp_path / "out" / "train.txt").unlink()  # as an interrupted run leaves it: the rerun resumes
+    (folder / ".train_0000.webm.part").symlink_to(victim)
+    assert main(argv) == 0
+    assert victim.read_bytes() == b"someone's video"
+    assert (folder / "train_0000.webm").is_file() and not (folder / "train_0000.webm").is_symlink()
+    assert not (folder / ".train_0000.webm.part").exists()

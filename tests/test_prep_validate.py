@@ -13,12 +13,12 @@ from conftest import write_clip
 from test_prep_probe import write_audio_only, write_cut_copy, write_vfr_clip, write_zero_frame_clip
 
 from prep.common import UserError
-from prep.validate import clean_list_path, main
+from prep.validate import bad_list_path, clean_list_path, main
 
 
-def _bad_kinds(list_path: Path) -> dict[str, set[str]]:
+def _bad_kinds(list_path: Path, tag: str = "") -> dict[str, set[str]]:
     kinds: dict[str, set[str]] = {}
-    for line in Path(f"{list_path}.bad").read_text().splitlines():
+    for line in bad_list_path(list_path, tag).read_text().splitlines():
         where, kind, _detail = line.split("\t")
         kinds.setdefault(where, set()).add(kind)
     return kinds
@@ -78,7 +78,7 @@ def test_every_bad_kind_is_named(ffmpeg_available, tmp_path: Path) -> None:
     before = list_path.read_bytes()
 
     assert main([str(list_path), "--cpu-decoder", "dali", "--jobs", "2", "--quiet"]) == 1
-    kinds = _bad_kinds(list_path)
+    kinds = _bad_kinds(list_path, "dali")
     expected = {
         "h264.mp4": "unsupported codec",  # DALI's CPU decoder takes VP8/VP9/MJPEG only
         "missing.webm": "missing",
@@ -98,8 +98,8 @@ def test_every_bad_kind_is_named(ffmpeg_available, tmp_path: Path) -> None:
     for where, kind in expected.items():
         assert kind in kinds.get(where, set()), (where, kinds.get(where))
     assert "frames_ok" not in kinds
-    clean = clean_list_path(list_path)
-    assert clean.name == "train.clean.txt"
+    clean = clean_list_path(list_path, "dali")
+    assert clean.name == "train.dali.clean.txt" and not clean_list_path(list_path).exists()
     assert clean.read_text().splitlines() == ["good clip.webm 20 0", "frames_ok 4 1"]
     assert list_path.read_bytes() == before
 
@@ -133,3 +133,23 @@ def test_bad_frame_template_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "l.txt").write_text("")
     with pytest.raises(UserError, match="frame-template"):
         main([str(tmp_path / "l.txt"), "--frame-template", "{name}.jpg", "--quiet"])
+
+
+@pytest.mark.parametrize("route", [["--cpu-decoder", "dali"], ["--device", "gpu"]], ids=["dali", "gpu"])
+def test_a_route_check_never_replaces_the_default_clean_list(ffmpeg_available, tmp_path: Path, route) -> None:
+    """The issue-23 case: a check of one route (`--cpu-decoder dali`) replaced the user's good
+    LIST.clean.txt (which their config named) with an empty one. Route checks write route-named files."""
+    write_clip(tmp_path / "a.mp4", num_frames=8, width=64, height=48, codec="h264")
+    list_path = tmp_path / "train.txt"
+    list_path.write_text("a.mp4 8 0\n")
+    assert main([str(list_path), "--jobs", "1", "--quiet"]) == 0
+    clean, bad = clean_list_path(list_path), bad_list_path(list_path)
+    before = (clean.read_bytes(), bad.read_bytes(), Path(f"{clean}.index").read_bytes())
+    tag = route[1]
+    expected = 1 if tag == "dali" else 0  # DALI's CPU decoder takes no H.264; NVDEC does
+    assert main([str(list_path), *route, "--jobs", "1", "--quiet"]) == expected
+    assert (clean.read_bytes(), bad.read_bytes(), Path(f"{clean}.index").read_bytes()) == before
+    routed = clean_list_path(list_path, tag)
+    assert routed.name == f"train.{tag}.clean.txt"
+    assert routed.read_text() == ("" if tag == "dali" else "a.mp4 8 0\n")
+    assert bad_list_path(list_path, tag).name == f"train.txt.{tag}.bad"

@@ -88,6 +88,76 @@ def test_unwritable_out_dir_fails_before_loaders(monkeypatch, tmp_path, capsys, 
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("lr", ["-0.01", "0", ".nan", ".inf"])
+def test_invalid_lr_fails_at_config_load_naming_the_key(monkeypatch, tmp_path, capsys, lr):
+    """Not torch's "Invalid learning rate" (no key) after the loaders and the model are built."""
+    _no_loader(monkeypatch)
+    assert train.main([_write_config(tmp_path), f"--optim.lr={lr}"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"error: command line: --optim.lr={lr}: optim.lr: must be" in line
+
+
+def test_exponent_lr_trains(monkeypatch, tmp_path):
+    _route_loader(monkeypatch, MemoryLoader)
+    cfg = _write_config(tmp_path, **{"train.stop_at_step": 1, "train.eval_every": 0})
+    assert train.main([cfg, "--optim.lr=5e-2"]) == 0
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["config"]["optim"]["lr"] == 0.05
+
+
+def test_resume_of_a_checkpoint_trained_as_another_model_is_refused(monkeypatch, tmp_path, capsys):
+    """A TSN checkpoint fits a TSM config's weights exactly (the shift has none): resuming it under TSM
+    would train on silently as another network, so it is refused in one line, as evaluate.py does."""
+    _route_loader(monkeypatch, MemoryLoader)
+    train.train(tiny_config(tmp_path, "tsn", **{"train.epochs": 1, "train.eval_every": 0}))
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    capsys.readouterr()
+    assert train.main([_write_config(tmp_path, **{"model.name": "tsm"}), "--resume", "auto"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "was trained as another model: model.name 'tsn' in the checkpoint, 'tsm' configured" in line
+    assert "--model.pretrained=CHECKPOINT" in line
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before  # nothing written
+    assert train.main([_write_config(tmp_path, **{"model.name": "tsn"}), "--resume", "auto"]) == 0
+
+
+def test_resume_of_a_weights_only_file_is_one_line(monkeypatch, tmp_path, capsys):
+    """A models.convert output (weights and meta, no training state) is for model.pretrained."""
+    _route_loader(monkeypatch, MemoryLoader)
+    converted = save_checkpoint(tmp_path / "converted.pt", {"model": {}, "meta": {"model": "tsm"}})
+    assert train.main([_write_config(tmp_path), "--resume", str(converted)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{converted}: not a train.py checkpoint (no optimizer, scheduler, scaler)" in line
+    assert "--model.pretrained" in line
+
+
+@pytest.mark.parametrize(
+    "classes_txt, warned",
+    [
+        (None, "train.txt has labels 0..2 (3 classes)"),  # max label + 1
+        (5, ""),  # classes.txt names 5 classes: the labels of this list are a subset, no warning
+        (7, "classes.txt names 7 classes"),
+    ],
+)
+def test_num_classes_other_than_the_lists_classes_warns_once(
+    monkeypatch, tmp_path, capsys, classes_txt, warned
+):
+    """model.num_classes is 5; the list's classes are classes.txt's names beside it, else max label + 1.
+    Labels beyond num_classes are an error (test_label_out_of_range_fails_before_loaders)."""
+    _route_loader(monkeypatch, MemoryLoader)
+    lst = tmp_path / "lists" / "train.txt"
+    lst.parent.mkdir()
+    lst.write_text("a.webm 16 0\nb.webm 16 2\nc.webm 16 1\n")
+    if classes_txt:
+        (lst.parent / "classes.txt").write_text("".join(f"class{i}\n" for i in range(classes_txt)))
+    overrides = {"data.train_list": str(lst), "train.eval_every": 0, "train.stop_at_step": 1}
+    assert train.main([_write_config(tmp_path, **overrides)]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: model.num_classes is 5")]
+    if warned:
+        assert len(warnings) == 1 and warned in warnings[0], err
+    else:
+        assert warnings == [], err
+
+
 class BadSampleLoader(MemoryLoader):
     """Raises what the DALI loader raises for an unreadable sample with data.skip_bad off."""
 

@@ -208,3 +208,23 @@ def test_cli_print_config_and_errors(tmp_path, capsys):
         == 2
     )
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_dataset_fingerprint_goes_to_metrics_checkpoint_and_console(memory_data, tmp_path, capsys,
+                                                                    ffmpeg_available):  # fmt: skip
+    from conftest import write_clip
+
+    from dali_pipes.fingerprint import list_fingerprint
+
+    write_clip(tmp_path / "data" / "a.webm", num_frames=8, width=32, height=32)
+    listed = tmp_path / "data" / "train.txt"
+    listed.write_text("a.webm 8 0\n")
+    cfg = tiny_config(tmp_path, **{"train.epochs": 1, "train.eval_every": 0, "data.train_list": str(listed)})
+    out = train.train(cfg)
+    fp = list_fingerprint(listed, cfg.data, cfg.eval).as_dict()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["kind"] == "start" and records[0]["dataset"] == {"train": fp}
+    assert load_checkpoint(out["checkpoint"])["dataset"] == {"train": fp}
+    assert f"train: data {fp['digest']}: 1 videos, 1 classes, 0 bad | sampler uniform T=4" in (
+        capsys.readouterr().err
+    )
