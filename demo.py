@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.lifetime import pool_options
+
 CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
@@ -119,7 +121,9 @@ def run_demo(data: Path, out_root: Path, overrides: list[str] | None = None) -> 
     if len(os.sched_getaffinity(0)) < 2:
         return [train_and_score(name, data, out_root / name, overrides) for name in names]
     spawn = multiprocessing.get_context("spawn")  # no fork of a process that has started threads
-    with ProcessPoolExecutor(max_workers=2, mp_context=spawn) as pool:
+    # the trainings die with this process, however it ends (a time limit's SIGKILL too: engine.lifetime);
+    # Ctrl-C reaches them too and stops each at its next step with a checkpoint (train.py's StopRequest)
+    with ProcessPoolExecutor(max_workers=2, mp_context=spawn, **pool_options(ignore_sigint=False)) as pool:
         runs = [pool.submit(_train_and_score_in_child, n, data, out_root / n, overrides) for n in names]
         return [run.result() for run in runs]
 
@@ -136,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_root = args.out or Path("runs/demo") / time.strftime("%Y%m%d-%H%M%S")
     overrides = [f"train.epochs={args.epochs}"] if args.epochs else []
-    results = run_demo(args.data, out_root, overrides)
+    try:
+        results = run_demo(args.data, out_root, overrides)
+    except KeyboardInterrupt:  # the trainings got the Ctrl-C too: each stopped at its next step
+        print(f"interrupted: the trainings stopped with a checkpoint each in {out_root}", file=sys.stderr)
+        return 130
     n = len(reverse_pairs(args.data / "classes.txt"))
     print()
     print(f"Learning proof on {args.data} ({results[0]['videos']} validation clips, {n} reverse-twin pairs; "

@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,17 +78,21 @@ from engine.config import (
 )
 from engine.distributed import DistInfo, all_gather_objects, exit_on_peer_failure, init_distributed
 from engine.fileio import atomic_write_text
-from engine.metrics_log import LogWindow, MetricsLog, provenance
+from engine.metrics_log import LogWindow, MetricsLog, MetricsLogError, provenance
 from engine.optim import ModelEMA, build_optimizer, build_scheduler, scaled_lr
 from engine.plot import save_run_curves
-from engine.preemption import StopRequest
+from engine.preemption import StopRequest, exit_on_signals, restore_signals
 from engine.preflight import (
     PreflightError,
+    check_free_space,
+    checkpoint_bytes,
+    meta_model,
     preflight_problems,
     remove_stale_checkpoint_temps,
     with_preflight_findings,
 )
 from engine.progress import log_console
+from engine.runlock import RunLock
 from engine.scoring import evaluate_model
 from engine.step import NonFiniteLossError, TrainStep, all_finite
 
@@ -98,8 +103,12 @@ class RunDirError(RuntimeError):
 
 # Errors whose message is the whole story (config key, file, list line, step): one line, no traceback.
 # ConfigError, PretrainedMismatchError, PreflightError and list errors are ValueErrors; ClipLoadError
-# (a bad sample with data.skip_bad off) is the loader's RuntimeError naming the list line and file.
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, RunDirError, NonFiniteLossError, ClipLoadError)
+# (a bad sample with data.skip_bad off) is the loader's RuntimeError naming the list line and file;
+# MetricsLogError is a full disk under metrics.jsonl.
+USER_ERRORS = (
+    ValueError, FileNotFoundError, CheckpointError, RunDirError, NonFiniteLossError, ClipLoadError,
+    MetricsLogError,
+)  # fmt: skip
 
 
 @dataclass
@@ -138,8 +147,15 @@ def train(cfg: Config, resume: str = "") -> dict:
     out_dir = Path(cfg.train.out_dir)
     console = log_console(stderr=True, quiet=not info.is_main)  # log files: no 80-column cut
     ckpt_path = resolve_resume(resume, out_dir)
-    preflight(cfg, info, console, resuming=ckpt_path is not None)
+    # rank 0 holds out_dir's lock (engine.runlock) until the end
+    with preflight(cfg, info, console, resuming=ckpt_path is not None):
+        return run_training(cfg, info, out_dir, console, ckpt_path)
 
+
+def run_training(
+    cfg: Config, info: DistInfo, out_dir: Path, console: Console, ckpt_path: Path | None
+) -> dict:
+    """`train` after the preflight checks: build everything, resume, run the epochs."""
     # data: one loader per rank (imported late: `--print-config` works without DALI)
     from dali_pipes.loader import build_loader
 
@@ -195,8 +211,8 @@ def train(cfg: Config, resume: str = "") -> dict:
 
 
 def train_epoch(run: Run, epoch: int, first: int, data_state: dict | None) -> bool:
-    """Batches `first`.. of one epoch; True when train.stop_at_step or a stop signal (SIGTERM) stopped it
-    (a checkpoint was written)."""
+    """Batches `first`.. of one epoch; True when train.stop_at_step or a stop signal (SIGTERM, SIGINT)
+    stopped it (a checkpoint was written)."""
     cfg, loader, stepper, progress = run.cfg, run.train_loader, run.stepper, run.progress
     accum = cfg.train.accum_steps
     run.epoch = epoch
@@ -301,25 +317,41 @@ def setup_process(cfg: Config) -> DistInfo:
     return info
 
 
-def preflight(cfg: Config, info: DistInfo, console: Console, resuming: bool) -> None:
+def preflight(cfg: Config, info: DistInfo, console: Console, resuming: bool) -> AbstractContextManager:
     """Before any heavy work, on rank 0, every finding at once (engine.preflight.preflight_problems: CUDA
     for data.device gpu, model.pretrained, lists and labels, train.out_dir writable; a warning when the
-    training list's class count differs from model.num_classes), then temp files of interrupted
-    checkpoint writes removed. Every rank stops on rank 0's findings (no rank is left waiting in a
-    collective for a peer that quit)."""
+    training list's class count differs from model.num_classes); then, with none, train.out_dir locked
+    (one trainer per run directory), temp files of interrupted checkpoint writes removed, room for one
+    checkpoint. Every rank stops on rank 0's findings (no rank is left waiting in a collective for a
+    peer that quit). Returns the held lock (rank 0) to release when the run ends."""
     error = ""
+    lock: AbstractContextManager = nullcontext()
     if info.is_main:
         lists = ["train_list"] + (["val_list"] if cfg.train.eval_every > 0 else [])
         problems, warnings = preflight_problems(cfg, torch.cuda.is_available(), resuming, lists)
+        if not problems:
+            try:
+                out_dir = Path(cfg.train.out_dir)
+                lock = RunLock(out_dir, console.print)
+                lock.acquire()
+                for stale in remove_stale_checkpoint_temps(out_dir):
+                    console.print(f"removed {stale.name} (temp file of an interrupted checkpoint write)")
+                from models import build_model
+
+                net = meta_model(lambda: build_model(dataclasses.replace(cfg.model, pretrained="")))
+                need = checkpoint_bytes(net, cfg.optim.name, cfg.optim.momentum, cfg.train.ema > 0)
+                check_free_space(out_dir, need)
+            except ValueError as e:  # PreflightError
+                problems.append(str(e))
         error = join_problems(problems, "preflight") if problems else ""
         if not problems:  # warnings only for a run that starts
             for warning in warnings:
                 console.print(f"warning: {warning}", style="yellow", markup=False)
-            for stale in remove_stale_checkpoint_temps(cfg.train.out_dir):
-                console.print(f"removed {stale.name} (temp file of an interrupted checkpoint write)")
     errors = [e for e in all_gather_objects(error) if e]
     if errors:
+        lock.__exit__(None, None, None)  # (released: no run follows)
         raise PreflightError(errors[0])
+    return lock
 
 
 def resolve_resume(resume: str, out_dir: Path) -> Path | None:
@@ -528,15 +560,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = split_cli(argv)
     args = build_parser().parse_args(rest)
-    # SIGTERM during setup unwinds like Ctrl-C (the loaders' workers are shut down); during the epochs
-    # train()'s StopRequest takes over: a checkpoint at the next step on every rank, then rc 0
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM / SIGINT during setup exit with one line (the loaders' workers are shut down); during the
+    # epochs train()'s StopRequest takes over: a checkpoint at the next step on every rank, then rc 0
+    # (SIGTERM: a scheduler's preemption) or 130 (SIGINT: Ctrl-C, so a `train && evaluate` chain stops)
+    previous = exit_on_signals()
     try:
         if args.print_config:  # the resolved tree, each non-default value with the file that set it
             print(print_config_text(args.config, overrides), end="")
             return 0
-        train(load_config(args.config, overrides), args.resume)
-        return 0
+        summary = train(load_config(args.config, overrides), args.resume)
+        return 128 + signal.SIGINT if summary["stopped_by"] == "SIGINT" else 0
     except ConfigError as e:  # with the preflight's findings in the rest of the config: one block
         print(f"error: {with_preflight_findings(e, torch.cuda.is_available())}", file=sys.stderr)
         return 2
@@ -550,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        signal.signal(signal.SIGTERM, previous)  # not while the interpreter exits (DALI's atexit)
+        restore_signals(previous)  # not while the interpreter exits (DALI's atexit)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from .video_io import decode_frames
 
 log = logging.getLogger(__name__)
 MODES = ("train", "val", "test")
+START_METHODS = ("fork", "spawn")
 _TORCH = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16, types.INT64: torch.int64,
           types.INT32: torch.int32, types.UINT8: torch.uint8}  # fmt: skip
 
@@ -49,6 +50,19 @@ def sampling_options(data: DataConfig, views: EvalConfig | None) -> SamplingOpti
         test_mode=views.temporal_mode,
         test_clips=views.temporal_clips,
     )
+
+
+def worker_start_method(data: DataConfig, start_method: str | None = None) -> str:
+    """How DALI starts the source's worker processes: `start_method` when given, else spawn on the GPU
+    route (its process has CUDA initialised, and a forked child of it must not touch CUDA) and fork on
+    the CPU route (fastest). Tests pass spawn on the CPU route so the GPU route's start method runs in CI."""
+    if start_method is None:
+        return "spawn" if data.device == "gpu" else "fork"
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
+    if start_method == "fork" and data.device == "gpu":
+        raise ValueError("start_method fork: the GPU route's workers must be spawned (CUDA is initialised)")
+    return start_method
 
 
 def source_kind(data: DataConfig) -> str:
@@ -76,6 +90,7 @@ class ClipLoader:
         views: EvalConfig | None = None,
         device_id: int | None = None,
         rotate: bool = False,
+        start_method: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -88,6 +103,7 @@ class ClipLoader:
         if not list_path:
             raise ValueError(f"{key}: not set (needed for mode '{mode}')")
         self.data, self.mode, self.views = data, mode, views or EvalConfig()
+        self.start_method = worker_start_method(data, start_method)
         self.device = torch.device(f"cuda:{device_id}") if data.device == "gpu" else torch.device("cpu")
         self.device_id = device_id if data.device == "gpu" else None
         self.list_path = list_path
@@ -214,8 +230,7 @@ class ClipLoader:
             device_id=self.device_id,
             prefetch_queue_depth=self.data.prefetch,
             py_num_workers=max(workers, 1),
-            # fork is fastest, but a process with CUDA initialised must not fork
-            py_start_method="spawn" if self.data.device == "gpu" else "fork",
+            py_start_method=self.start_method,
             seed=self.data.seed,
             exec_dynamic=True,
         )
@@ -343,10 +358,15 @@ def build_loader(
     views: EvalConfig | None = None,
     device_id: int | None = None,
     rotate: bool = False,
+    start_method: str | None = None,
 ) -> ClipLoader:
     """The contract's entry point: a ClipLoader for `mode` (train | val | test) on this rank. `rotate`
-    (predict only): the PyAV route turns rotated videos upright instead of refusing them."""
-    return ClipLoader(data_cfg, mode, rank, world_size, views, device_id, rotate)
+    (predict only): the PyAV route turns rotated videos upright instead of refusing them.
+
+    `start_method` (fork | spawn; default: spawn on the GPU route, fork on the CPU route) is an internal
+    switch for tests: CI has no GPU, so it runs the CPU route with spawn to cover the GPU route's start."""
+    return ClipLoader(data_cfg, mode, rank, world_size, views, device_id, rotate=rotate,
+                      start_method=start_method)  # fmt: skip
 
 
 __all__ = ["ClipLoader", "ClipLoadError", "build_loader"]

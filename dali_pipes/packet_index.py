@@ -29,6 +29,7 @@ import av
 import numpy as np
 
 from engine.fileio import atomic_write
+from engine.lifetime import pool_options
 
 from .video_io import DISCARD, DISPOSABLE, KEY, RECOVERY, VideoIndex, VideoReadError, first_frame_rotation
 
@@ -403,7 +404,7 @@ class PacketIndex:
         stale = self.missing(paths)
         if jobs > 1 and len(stale) >= PARALLEL_FROM:
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=context, **pool_options()) as pool:
                 results = pool.map(index_job, [p for p, _ in stale], chunksize=16)
                 for (p, stamp), result in zip(stale, results, strict=True):
                     if not isinstance(result, str):

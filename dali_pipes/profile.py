@@ -181,6 +181,7 @@ class Result:
     decoded_note: str = ""  # "counted" | "computed" | why missing
     gpu: str = "-"
     error: str = ""
+    started_at: float = 0.0  # wall clock (Unix s) at the start of the timed window: lines up GPU samplers
 
     @property
     def clips_per_s(self) -> float:
@@ -207,6 +208,7 @@ def timed(name: str, kind: str, batches: Iterable, warmup: int, count: int, clip
         next(it)
     tree = process_tree()  # the workers are up after the warm-up
     own0 = tree_cpu_seconds(tree)
+    started_at = time.time()
     start, clips = time.perf_counter(), 0
     for _ in range(count):
         clips += clips_of(next(it))
@@ -219,7 +221,7 @@ def timed(name: str, kind: str, batches: Iterable, warmup: int, count: int, clip
     outside = tree_affinity() - cores
     if outside:
         raise RuntimeError(f"{name}: a process of the tree may run on cores {sorted(outside)} (not pinned)")
-    return Result(name, kind, clips, seconds, cpu - own0, gpu=gpu_stats())
+    return Result(name, kind, clips, seconds, cpu - own0, gpu=gpu_stats(), started_at=started_at)
 
 
 def endless(loader):

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from engine.lifetime import die_with_parent  # (the DALI workers': see ClipSource.__call__)
+
 from .augment import eval_crops, flip_and_label, multiscale_crop, random_resized_crop, to_roi
 from .listfile import Entry
 from .sampling import REPLACE, SPATIAL, SamplingOptions, clip_indices, sample_rng
@@ -35,30 +37,11 @@ PAD = -1  # order entry of a padding slot in evaluation (dropped by the loader)
 LEFT_OUT = -2  # id of a bad val/test sample with skip_bad (dropped and counted by the loader)
 
 
+_WARNED: set[tuple[str, str]] = set()  # (list line, split) already reported by this process
+
+
 class ClipLoadError(RuntimeError):
     """A listed sample that cannot be read; the message names the list line and the file."""
-
-
-_ARMED_PID = 0  # the worker process that has asked the kernel to kill it with its parent
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In a DALI worker process: have the kernel SIGKILL it when the trainer dies (Linux prctl
-    PR_SET_PDEATHSIG), so a SIGKILLed trainer (the OOM killer) leaves no orphan workers. Once per process;
-    a parent already gone (it died before this ran) ends the worker now."""
-    global _ARMED_PID
-    if _ARMED_PID == os.getpid():
-        return
-    _ARMED_PID = os.getpid()
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):  # not Linux: no such call; the workers' own checks remain
-        return
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def epoch_order(
@@ -189,7 +172,7 @@ class ClipSource:
 
     def __call__(self, info) -> tuple:
         if os.getpid() != self.owner_pid:  # in a worker process (parallel external source)
-            die_with_parent(self.owner_pid)
+            die_with_parent(self.owner_pid, ignore_sigint=True)
         epoch = self.base_epoch + info.epoch_idx
         skip = self.start_batch * self.batch * self.group if info.epoch_idx == 0 else 0
         pos, frame_k = divmod(skip + info.idx_in_epoch, self.group)
@@ -229,9 +212,10 @@ class ClipSource:
                 msg = f"{entry.where}: bad sample {entry.path}: {why}"
                 if not self.skip_bad:
                     raise ClipLoadError(msg) from None
-                if frame_k == 0 and (tried == sid or self.split == "train"):  # eval: a sample's own line once
-                    fate = "replaced" if self.split == "train" else "left out"
-                    log.warning("%s (data.skip_bad: %s)", msg, fate)
+                if frame_k == 0 and (entry.where, self.split) not in _WARNED:  # once, not every epoch
+                    _WARNED.add((entry.where, self.split))
+                    done = "replaced by another sample" if self.split == "train" else "left out of the scores"
+                    log.warning("%s (data.skip_bad: %s, here and in later epochs)", msg, done)
                 continue
             # A padding slot (out_id PAD) is dropped anyway: its replacement is not counted.
             replaced = np.array(int(tried != sid and out_id != PAD), dtype=np.int32)

@@ -61,7 +61,7 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     if free < need:
         raise CheckpointError(
             f"disk full: {path} needs about {need / 2**20:.0f} MiB, {path.parent} has "
-            f"{free / 2**20:.0f} MiB free; not written, the previous checkpoint is kept"
+            f"{free / 2**20:.0f} MiB free; not written{_kept(path)}"
         )
     try:
         return atomic_write(path, lambda f: torch.save(state, f))
@@ -69,10 +69,15 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
         if getattr(e, "errno", None) == errno.ENOSPC or _TORCH_WRITE_FAILED in str(e):
             free = shutil.disk_usage(path.parent).free
             raise CheckpointError(
-                f"disk full while writing {path} ({free / 2**20:.0f} MiB left); not written, the previous "
-                "checkpoint is kept"
+                f"disk full while writing {path} ({free / 2**20:.0f} MiB left); not written{_kept(path)}"
             ) from None
         raise
+
+
+def _kept(path: Path) -> str:
+    """What a failed write leaves: the newest earlier checkpoint beside it, if there is one."""
+    previous = latest_checkpoint(path.parent)
+    return f", the previous checkpoint {previous.name} is kept" if previous else " (no earlier checkpoint)"
 
 
 def state_bytes(obj: Any) -> int:

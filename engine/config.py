@@ -528,6 +528,8 @@ def config_problems(cfg: Config) -> list[str]:
             f"model.num_segments ({cfg.model.num_segments}) differs from data.num_segments "
             f"({cfg.data.num_segments})"
         )
+    if not cfg.train.out_dir.strip():
+        raise ConfigError("train.out_dir: empty; name a run directory (not the current one by accident)")
     for dotted in ("data.num_segments", "data.batch_size", "train.epochs", "train.accum_steps",
                    "eval.batch_size"):  # fmt: skip
         if get_dotted(cfg, dotted) < 1:

@@ -4,9 +4,12 @@ and a run without it says so once). Rank 0 only."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -72,14 +75,31 @@ def _say_tb_off_once() -> None:
         log.warning(TB_OFF)
 
 
+class MetricsLogError(RuntimeError):
+    """metrics.jsonl cannot be written (a full disk); the message names the file and what is kept."""
+
+
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line, flushed) and TensorBoard when it is installed."""
+    """metrics.jsonl (one JSON object per line, written whole) and TensorBoard when it is installed.
+
+    Each record goes to the file in one unbuffered write; a write that fails (ENOSPC) is cut back off,
+    so the file never ends in half a record, and stops the run with one line. A file that does end in
+    half a record (a power loss; a full disk under older versions) is repaired when it is opened: the
+    next start's records never run on from it."""
 
     def __init__(self, out_dir: Path, resume_step: int | None) -> None:
         self.path = out_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
-        self.file = self.path.open("a")
+        try:
+            if resume_step is not None and self.path.exists():
+                self._truncate_after(resume_step)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
+            torn = self._drop_torn_tail()
+        except OSError as e:
+            raise self._error(e, "not opened") from None
+        if torn:
+            print(f"{self.path}: removed a torn last line ({torn} bytes; a run was stopped while writing it)",
+                  file=sys.stderr)  # fmt: skip
+        self.size = os.fstat(self.fd).st_size
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -100,16 +120,54 @@ class MetricsLog:
                 keep.append(line)
         atomic_write_text(self.path, "".join(f"{line}\n" for line in keep))
 
+    def _drop_torn_tail(self) -> int:
+        """Cut the file after its last newline; returns the bytes removed (0: it ended whole)."""
+        size = os.fstat(self.fd).st_size
+        with open(self.path, "rb") as f:
+            end = size
+            while end > 0:
+                start = max(0, end - (1 << 16))
+                f.seek(start)
+                chunk = f.read(end - start)
+                nl = chunk.rfind(b"\n")
+                if nl >= 0:
+                    keep = start + nl + 1
+                    break
+                end = start
+            else:
+                keep = 0
+        if keep < size:
+            os.ftruncate(self.fd, keep)
+        return size - keep
+
     def write(self, kind: str, step: int, **values: Any) -> None:
-        self.file.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
-        self.file.flush()
+        data = (json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n").encode()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, self.size)  # the records before this one stay whole
+            except OSError:
+                pass
+            raise self._error(e, f"the {kind} record of step {step} is not written") from None
+        self.size += len(data)
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
 
+    def _error(self, e: OSError, what: str) -> MetricsLogError:
+        free = shutil.disk_usage(self.path.parent).free / 2**20 if self.path.parent.is_dir() else 0
+        why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        return MetricsLogError(
+            f"{why} while writing {self.path} ({free:.0f} MiB free): {what}, the file ends at its last whole "
+            "record; the run stops here (free space, then continue with --resume auto)"
+        )
+
     def close(self) -> None:
-        self.file.close()
+        os.close(self.fd)
         if self.tb is not None:
             self.tb.close()
 

@@ -1,16 +1,20 @@
-"""Preemption: SIGTERM becomes a checkpoint at the next step boundary, agreed by every rank.
+"""Preemption: SIGTERM (a scheduler) and SIGINT (Ctrl-C) become a checkpoint at the next step boundary,
+agreed by every rank.
 
 The signal handler only sets a flag (a checkpoint is never written from inside a handler, and a write in
 progress is never interrupted). At each step boundary every rank calls `StopRequest.agreed`, which is a
 max over ranks of the flags: all ranks call it at the same steps, so they stop at the same step whichever
 of them got the signal (torchrun forwards it to all; a scheduler may signal only some). The reduction
 runs on a CPU (gloo) group, so it never waits for the GPU: one tiny host-side message per step.
-A second signal leaves at once (SystemExit), for a user who does not want to wait.
+A second signal leaves at once (SystemExit, one line), for a user who does not want to wait. Outside the
+training steps (setup, the end) `exit_on_signals` turns either signal into a plain exit with one line.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from types import FrameType
 
 import torch
@@ -21,7 +25,7 @@ class StopRequest:
     """Context manager: install the handler on enter (all ranks at once: it may create a gloo group),
     restore the previous handlers on exit."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
         self.signals = signals
         self.signum = 0  # the signal that asked to stop (here or on another rank), 0: none
         self._previous: dict[int, object] = {}
@@ -48,6 +52,7 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum:
+            print(f"second {signal.Signals(signum).name}: leaving now, without a checkpoint", file=sys.stderr)
             raise SystemExit(128 + signum)
         self.signum = signum
 
@@ -65,6 +70,31 @@ class StopRequest:
         if got and not self.signum:
             self.signum = got
         return got != 0
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def exit_on_signals() -> dict[int, object]:
+    """Outside the training steps: SIGTERM / SIGINT exit (128 + signal) with one line instead of a
+    KeyboardInterrupt traceback, unwinding normally (loaders shut down). Processes forked from this one
+    (DALI workers) inherit the handler and ignore it: their trainer decides. Returns the previous
+    handlers for `restore_signals`."""
+    owner = os.getpid()
+
+    def leave(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:
+            return
+        name = signal.Signals(signum).name
+        print(f"stopped by {name} outside the training steps (no checkpoint written now)", file=sys.stderr)
+        sys.exit(128 + signum)
+
+    return {s: signal.signal(s, leave) for s in STOP_SIGNALS}
+
+
+def restore_signals(previous: dict[int, object]) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
 def _measure(calls: int = 2000) -> None:

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from engine.config import Config, ConfigError
+
+import torch
+from torch import nn
 
 
 class PreflightError(ValueError):
@@ -147,3 +151,30 @@ def with_preflight_findings(error: ConfigError, cuda: bool) -> str:
     lines = (head[1].splitlines() if len(head) > 1 and head[0].endswith("problems:") else [f"  {error}"])
     lines += [f"  {p}" for p in problems]
     return lines[0].strip() if len(lines) == 1 else f"{len(lines)} problems:\n" + "\n".join(lines)
+
+
+def checkpoint_bytes(model: nn.Module, optimizer: str, momentum: float, ema: bool) -> int:
+    """About what one checkpoint of `model` takes on disk: its state, the optimizer's per-parameter slots
+    (SGD momentum: 1, AdamW: 2) and the EMA copy. `model` may live on the meta device (sizes only)."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    slots = 2 if optimizer == "adamw" else int(momentum > 0)
+    return state * (2 if ema else 1) + params * slots
+
+
+def check_free_space(out_dir: str | Path, need: int, key: str = "train.out_dir") -> None:
+    """Refuse to start when `out_dir` has less room than one checkpoint (plus a margin), instead of
+    finding out at the first checkpoint, an epoch or more later."""
+    need = int(need * 1.05) + (1 << 20)
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise PreflightError(
+            f"{key}: {out_dir} has {free / 2**20:.0f} MiB free, one checkpoint needs about "
+            f"{need / 2**20:.0f} MiB (model, optimizer state, EMA); free some space or choose another {key}"
+        )
+
+
+def meta_model(build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()` on the meta device: the shapes of a model without its memory or its init time."""
+    with torch.device("meta"):
+        return build()

@@ -156,6 +156,8 @@ def evaluate_model(
             if clips.dim() == 5:  # a train/val-shaped batch: one view per video
                 clips = clips.unsqueeze(1)
             n, v = clips.shape[:2]
+            if n == 0:  # every video of the batch was left out (data.skip_bad): nothing to score
+                continue
             x = clips.to(device, non_blocking=True).flatten(0, 1)
             if amp == "fp32":
                 x = x.float()

@@ -23,6 +23,7 @@ from rich.progress import (
 )
 
 from engine.fileio import atomic_write_text  # noqa: F401  (re-exported for the prep tools)
+from engine.lifetime import pool_options
 from engine.progress import ProgressLines
 
 T = TypeVar("T")
@@ -146,7 +147,7 @@ def _parallel_map(
                 progress.advance(task)
                 yield item, result
             return
-        pool: Executor = ThreadPoolExecutor(jobs) if threads else ProcessPoolExecutor(jobs)
+        pool: Executor = ThreadPoolExecutor(jobs) if threads else ProcessPoolExecutor(jobs, **pool_options())
         try:
             futures = {pool.submit(fn, item): item for item in todo}
             for future in as_completed(futures):

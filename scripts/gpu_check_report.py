@@ -1,26 +1,82 @@
-"""Helpers of scripts/gpu_check.sh: the synthetic-data training speed, and the one summary table.
+"""Helpers of scripts/gpu_check.sh: an environment probe, the synthetic-data training speed, the one table.
 
+    python scripts/gpu_check_report.py probe
     python scripts/gpu_check_report.py synthetic OUT.json CONFIG [--a.b=v ...]
-    python scripts/gpu_check_report.py table OUTDIR
+    python scripts/gpu_check_report.py table OUTDIR [--device gpu|cpu] [--budget S]
 
-`synthetic` times forward + backward + SGD step of CONFIG's model on one fixed random batch of
-CONFIG's shape (the same amp and channels-last setting as train.py), i.e. the step rate with a loader
-that costs nothing: the reference for "speed vs synthetic". `table` reads what gpu_check.sh left in
-OUTDIR (profiler JSON files prof_*.json, the training run's metrics.jsonl, synthetic.json and
-gpu_mem_mib.txt) and prints one table; it also writes OUTDIR/summary.json.
+`probe` prints the Python, torch/CUDA, DALI and PyAV versions and which of the project's Python
+dependencies are missing (rc 2 when DALI, PyAV or torch cannot be imported). `synthetic` times forward +
+backward + SGD step of CONFIG's model on one fixed random batch of CONFIG's shape (the same amp and
+channels-last setting as train.py), i.e. the step rate with a loader that costs nothing: the reference
+for "vs synthetic". `table` reads what gpu_check.sh left in OUTDIR (steps.tsv: one line per step with
+its rc, seconds, limit, note and artefacts; logs/<step>.log; prof_*.json; nvdec_*.txt; train/metrics.jsonl;
+gpu_mem_mib.txt; synthetic.json; nvsmi_fields.txt), prints one table and writes OUTDIR/summary.json. It
+needs only the standard library, and a missing or broken artefact becomes "n/a" with the reason, so the
+table comes even when steps failed; no figure is ever filled in that was not measured.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import importlib.util
 import json
+import re
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.fileio import atomic_write_text  # noqa: E402  (standard library only)
+
+TAIL_LINES = 5  # log lines kept in summary.json for a step that did not succeed
+# Why the number of NVDEC decoder sessions is "n/a": said once, in the table and in summary.json.
+NVDEC_SESSIONS_WHY = (
+    "not measurable here: NVML / nvidia-smi count encoder sessions (encoder.stats.sessionCount) and FBC "
+    "sessions but no decoder sessions, and DALI 2.4 reports none"
+)
+
+
+# ---- probe ---------------------------------------------------------------------------------------
+
+
+def probe() -> int:
+    """Versions of what the GPU route needs, and the project's Python dependencies that are missing."""
+    import platform
+
+    print(f"python {platform.python_version()} ({sys.executable})")
+    rc = 0
+    for name, show in (("torch", _torch_line), ("nvidia.dali", _version), ("av", _version)):
+        try:
+            print(f"{name}: {show(importlib.import_module(name))}")
+        except Exception as e:  # a broken install raises more than ImportError
+            print(f"{name}: NOT importable ({type(e).__name__}: {e})")
+            rc = 2
+    # found, not imported (cheap): an import error of these shows in the step that needs them
+    missing = [n for n in ("numpy", "yaml", "rich", "pandas", "matplotlib", "pytest") if not _findable(n)]
+    print("project modules missing: " + (", ".join(missing) if missing else "none"))
+    return rc
+
+
+def _findable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _version(module) -> str:
+    return str(getattr(module, "__version__", "?"))
+
+
+def _torch_line(torch) -> str:
+    cuda = torch.cuda.is_available()
+    gpu = f", {torch.cuda.get_device_name(0)}" if cuda else ""
+    return f"{torch.__version__} (CUDA {torch.version.cuda}, available: {cuda}{gpu})"
+
+
+# ---- synthetic -----------------------------------------------------------------------------------
 
 
 def synthetic(out: str, config: str, overrides: list[str], steps: int = 12, warmup: int = 3) -> dict:
@@ -74,8 +130,11 @@ def synthetic(out: str, config: str, overrides: list[str], steps: int = 12, warm
         "device": device.type,
         "gpu_mem_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
     }
-    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     return result
+
+
+# ---- reading the artefacts (each returns figures, or {"why": ...} when there are none) -------------
 
 
 def train_summary(metrics: Path) -> dict:
@@ -84,7 +143,7 @@ def train_summary(metrics: Path) -> dict:
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("kind") == "train"]
     if not train:
-        raise SystemExit(f"{metrics}: no 'train' log lines (lower train.log_every?)")
+        return {"why": f"{metrics}: no 'train' log lines (lower train.log_every?)"}
     used = train[1:] if len(train) > 1 else train
     return {
         "windows": len(used),
@@ -93,57 +152,283 @@ def train_summary(metrics: Path) -> dict:
     }
 
 
-def table(outdir: str) -> dict:
+def _stamp(text: str) -> float | None:
+    """nvidia-smi's timestamp field (local time, "2026/12/05 21:03:04.123") as Unix seconds."""
+    try:
+        return datetime.strptime(text.strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+    except ValueError:
+        return None
+
+
+def nvdec_utilisation(path: Path, window: tuple[float, float] | None) -> dict:
+    """Mean / max of nvidia-smi's utilization.decoder samples ("timestamp, percent" lines, 200 ms apart):
+    over the whole step and over the profiler's timed window (when the timestamps line up)."""
+    if not path.exists():
+        return {"why": "no nvidia-smi on this machine: NVDEC utilisation not sampled"}
+    samples, other = [], []
+    for line in path.read_text(errors="replace").splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and re.fullmatch(r"\d+(\.\d+)?", parts[1]):
+            samples.append((_stamp(parts[0]), float(parts[1])))
+        elif line.strip():
+            other.append(line.strip())
+    if not samples:
+        first = other[0][:120] if other else "empty file"
+        return {"why": f"nvidia-smi gave no utilization.decoder numbers ({first})"}
+    values = [v for _, v in samples]
+    out = {"mean": sum(values) / len(values), "max": max(values), "samples": len(values)}
+    if window:
+        inside = [v for t, v in samples if t is not None and window[0] <= t <= window[1]]
+        if inside:
+            out.update(window_mean=sum(inside) / len(inside), window_max=max(inside),
+                       window_samples=len(inside))
+    return out
+
+
+def gpu_memory_peak(path: Path) -> dict:
+    if not path.exists():
+        return {"why": "no nvidia-smi on this machine: GPU memory not sampled"}
+    values = [float(v) for v in path.read_text(errors="replace").split() if re.fullmatch(r"\d+(\.\d+)?", v)]
+    if not values:
+        return {"why": f"nvidia-smi gave no memory.used numbers ({path.name})"}
+    return {"gpu_mem_gib": max(values) / 1024, "samples": len(values)}
+
+
+def profiler_figures(root: Path, files: list[str]) -> tuple[dict, list[dict]]:
+    """The route's figures from prof_*.json, with NVDEC utilisation from the matching nvdec_*.txt."""
+    prof = next((f for f in files if f.startswith("prof_")), None)
+    nvdec = next((f for f in files if f.startswith("nvdec_")), None)
+    if prof is None or not (root / prof).exists():
+        return {"why": f"no profiler results ({prof or 'no file named'})"}, []
+    try:
+        doc = json.loads((root / prof).read_text())
+        results = doc["results"]
+    except (ValueError, KeyError) as e:
+        return {"why": f"{prof}: unreadable ({e})"}, []
+    rows = [{"set": prof[len("prof_") : -len(".json")], **r} for r in results]
+    route = next((r for r in results if r.get("kind") == "route"), None)
+    if route is None:
+        return {"why": f"{prof}: no route result"}, rows
+    if route.get("error"):
+        return {"why": f"route failed: {route['error']}"}, rows
+    start = route.get("started_at") or 0.0
+    window = (start, start + route["seconds"]) if start else None
+    figures = {k: route.get(k) for k in ("name", "clips_per_s", "decoded_per_kept", "decoded_note",
+                                          "cpu_ms_per_clip", "gpu", "seconds", "clips")}  # fmt: skip
+    figures["nvdec_util"] = nvdec_utilisation(root / nvdec, window) if nvdec else {"why": "not sampled"}
+    figures["nvdec_sessions"] = {"value": None, "why": NVDEC_SESSIONS_WHY}
+    return figures, rows
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {"why": f"{path.name} not written"}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        return {"why": f"{path.name}: unreadable ({e})"}
+
+
+def probe_figures(log: str) -> dict:
+    """NVDEC capability lines of the kit's probe (`NVDEC H.264 rc=0 supported=1 engines=.. min=WxH ...`)."""
+    caps = {}
+    pattern = r"^NVDEC (\S+)\s+rc=(-?\d+) supported=(\d+) engines=(\d+) min=(\d+x\d+) max=(\d+x\d+)"
+    for m in re.finditer(pattern, log, re.M):
+        caps[m[1]] = {"rc": int(m[2]), "supported": m[3] == "1", "engines": int(m[4]), "min": m[5],
+                      "max": m[6]}  # fmt: skip
+    figures: dict = {"nvdec_caps": caps} if caps else {}
+    own = {"dali": r"^nvidia\.dali: (.+)$", "torch": r"^torch: (.+)$", "pyav": r"^av: (.+)$",
+           "missing": r"^project modules missing: (.+)$"}  # the lines of gpu_check_report.py probe
+    for key, pattern in own.items():
+        found = re.search(pattern, log, re.M)
+        if found:
+            figures[key] = found[1].strip()
+    gpu = re.search(r"^== machine\n(.+)$", log, re.M)
+    if gpu:
+        figures["gpu"] = gpu[1].strip()
+    if "GPUKIT: NO-GO" in log:
+        figures["go"] = False
+    elif "GPUKIT: GO" in log:
+        figures["go"] = True
+    return figures
+
+
+def tests_figures(log: str) -> dict:
+    """pytest's last summary line and the FAILED / ERROR lines."""
+    counts = re.compile(r"\d+ (passed|failed|skipped|error|deselected)")
+    summary = [ln for ln in log.splitlines() if counts.search(ln)]
+    bad = [ln.strip()[:200] for ln in log.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    return {"pytest": summary[-1].strip("= ") if summary else None, "failed": bad}
+
+
+# ---- the table -----------------------------------------------------------------------------------
+
+
+def read_steps(root: Path) -> list[dict]:
+    """steps.tsv: id, rc (integer or "skipped"), seconds, limit, note, artefacts (comma-separated)."""
+    steps = []
+    path = root / "steps.tsv"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        parts = (line.split("\t") + [""] * 6)[:6]
+        sid, rc, seconds, limit, note, files = parts
+        rc_value = int(rc) if re.fullmatch(r"-?\d+", rc) else None
+        status = ("ok" if rc_value == 0 else "timed out" if rc_value in (124, 137) else
+                  "skipped" if rc_value is None else "failed")  # fmt: skip
+        steps.append({"step": sid, "rc": rc_value, "status": status, "seconds": _float(seconds),
+                      "limit_s": _float(limit), "note": note,
+                      "files": [f for f in files.split(",") if f]})  # fmt: skip
+    return steps
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _log(root: Path, step: str) -> str:
+    path = root / "logs" / f"{step}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def collect(root: Path, device: str, budget: float | None) -> dict:
+    """summary.json's content: every step with its rc, seconds and figures (or why there are none)."""
+    steps = read_steps(root)
+    summary: dict = {"device": device, "budget_s": budget, "steps": steps, "profiler": [], "train": None,
+                     "synthetic": None,
+                     "nvdec_sessions": {"value": None, "why": NVDEC_SESSIONS_WHY}}  # fmt: skip
+    synth = _read_json(root / "synthetic.json")
+    summary["synthetic"] = None if "why" in synth else synth
+    for s in steps:
+        log = _log(root, s["step"])
+        if s["status"] not in ("ok", "skipped"):
+            s["tail"] = [ln[:300] for ln in log.splitlines() if ln.strip()][-TAIL_LINES:]
+        if s["step"] == "probe":
+            s["figures"] = probe_figures(log)
+        elif s["step"] == "tests":
+            s["figures"] = tests_figures(log) if s["status"] != "skipped" else {}
+        elif s["step"].startswith("prof-"):
+            s["figures"], rows = profiler_figures(root, s["files"])
+            summary["profiler"] += rows
+        elif s["step"] == "train":
+            metrics = root / "train" / "metrics.jsonl"
+            tr = train_summary(metrics) if metrics.exists() else {"why": "train/metrics.jsonl not written"}
+            if "why" not in tr:
+                mem = gpu_memory_peak(root / "gpu_mem_mib.txt")
+                tr["gpu_mem_gib"] = mem.get("gpu_mem_gib")
+                if "why" in mem:
+                    tr["gpu_mem_why"] = mem["why"]
+            if "why" not in tr and summary["synthetic"]:
+                tr["vs_synthetic"] = tr["clips_per_s"] / summary["synthetic"]["clips_per_s"]
+            s["figures"] = tr
+            summary["train"] = None if "why" in tr and "clips_per_s" not in tr else tr
+        elif s["step"] == "synthetic":
+            s["figures"] = synth
+        else:
+            s["figures"] = {}
+    fields = root / "nvsmi_fields.txt"
+    if fields.exists():  # what this driver's nvidia-smi offers about the decoder (proves the n/a above)
+        text = fields.read_text(errors="replace")
+        summary["nvsmi_decoder_fields"] = sorted(set(re.findall(r'"([a-z_.]*dec[a-z_.]*)"', text)))
+    summary["failed"] = [s["step"] for s in steps if s["status"] in ("failed", "timed out")
+                         or (s["status"] == "skipped" and "budget" in s["note"])]  # fmt: skip
+    summary["total_s"] = sum(s["seconds"] or 0 for s in steps)
+    return summary
+
+
+def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def row_cells(s: dict) -> list[str]:
+    """step | rc | s | clips/s | decoded/kept | CPU-ms/clip | NVDEC % mean/max | NVDEC sessions | GPU mem |
+    data wait | vs synthetic | note"""
+    f = s.get("figures") or {}
+    rc = "skip" if s["rc"] is None else str(s["rc"])
+    cells = [s["step"], rc, _fmt(s["seconds"]), "-", "-", "-", "-", "-", "-", "-", "-"]
+    note = s["note"]
+    if s["step"].startswith("prof-") and "why" not in f:
+        dec = _fmt(f["decoded_per_kept"], ".2f") + (" (c)" if f["decoded_note"] == "computed" else "")
+        util = f["nvdec_util"]
+        if "why" in util:
+            nv = "n/a"
+            note = note or util["why"]
+        elif "window_mean" in util:
+            nv = f"{util['window_mean']:.0f}/{util['window_max']:.0f} (t)"
+        else:
+            nv = f"{util['mean']:.0f}/{util['max']:.0f} (all)"
+        cells[3:9] = [_fmt(f["clips_per_s"]), dec, _fmt(f["cpu_ms_per_clip"]), nv, "n/a (1)", f["gpu"]]
+    elif s["step"] == "train" and "clips_per_s" in f:
+        mem = _fmt(f.get("gpu_mem_gib"), ".1f", " GiB")
+        cells[3] = _fmt(f["clips_per_s"])
+        cells[8:11] = [mem, _fmt(100 * f["data_wait"], ".1f", "%"), _fmt(f.get("vs_synthetic"), ".2f", "x")]
+    elif s["step"] == "synthetic" and "clips_per_s" in f:
+        cells[3], cells[10] = _fmt(f["clips_per_s"]), "1.00x"
+        cells[8] = _fmt(f.get("gpu_mem_gib"), ".1f", " GiB")
+    elif s["step"] == "probe" and f.get("nvdec_caps"):
+        note = note or "NVDEC min " + ", ".join(f"{k} {v['min']}" for k, v in f["nvdec_caps"].items())
+    elif s["step"] == "probe" and f.get("dali"):
+        note = note or f"DALI {f['dali']}; modules missing: {f.get('missing', '?')}"
+    elif s["step"] == "tests" and f.get("pytest"):
+        note = f["pytest"]
+    if s["status"] not in ("ok", "skipped") or (s["status"] == "skipped" and not note):
+        last = (s.get("tail") or [""])[-1]
+        note = f"{s['status'].upper()}: {last}" if last else s["status"].upper()
+    elif "why" in f and s["status"] == "ok":
+        note = f"n/a: {f['why']}"
+    return [*cells, note[:90]]
+
+
+def render(summary: dict, root: Path) -> str:
+    head = ["step", "rc", "s", "clips/s", "decoded/kept", "CPU-ms/clip", "NVDEC % mean/max", "NVDEC sessions",
+            "GPU mem", "data wait", "vs synthetic", "note"]  # fmt: skip
+    rows = [head] + [row_cells(s) for s in summary["steps"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return " | ".join(c.ljust(w) if i in (0, len(head) - 1) else c.rjust(w)
+                          for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()  # fmt: skip
+
+    rule = "-+-".join("-" * w for w in widths)
+    out = [f"gpu_check: {root} (device {summary['device']})", line(head), rule, *map(line, rows[1:]), rule]
+    failed = summary["failed"]
+    n = len(summary["steps"])
+    not_ok = f"; not ok: {', '.join(failed)}" if failed else ""
+    budget = _fmt(summary["budget_s"], ".0f")
+    spent = f"{summary['total_s']:.0f} s in steps (budget {budget} s)"
+    out.append(f"{n - len(failed)} of {n} steps ok{not_ok}; {spent}")
+    out.append("(c) computed: DALI's video decoder decodes from frame 0 to the highest requested index. "
+               "NVDEC %: nvidia-smi utilization.decoder every 200 ms, (t) in the profiler's timed window, "
+               "(all) over the whole step.")  # fmt: skip
+    fields = summary.get("nvsmi_decoder_fields")
+    offered = "" if fields is None else f" (this nvidia-smi's decoder fields: {', '.join(fields) or 'none'})"
+    out.append(f"(1) NVDEC decoder sessions: {NVDEC_SESSIONS_WHY}{offered}.")
+    return "\n".join(out)
+
+
+def table(outdir: str, device: str = "gpu", budget: float | None = None) -> dict:
     root = Path(outdir)
-    console = Console(width=170)
-    tab = Table(title=f"gpu_check: {root}")
-    columns = ("what", "clips/s", "decoded/kept frame", "CPU-ms/clip", "GPU mem", "data wait", "vs synthetic")
-    for col in columns:
-        tab.add_column(col, justify="left" if col == "what" else "right")
-    summary: dict = {"profiler": [], "train": None, "synthetic": None}
-    for path in sorted(root.glob("prof_*.json")):
-        doc = json.loads(path.read_text())
-        for r in doc["results"]:
-            label = f"{path.stem[5:]}: {r['name']}"
-            summary["profiler"].append({"set": path.stem[5:], **r})
-            if r["error"]:
-                tab.add_row(label, "-", "-", "-", "-", "-", f"[red]{r['error'][:60]}[/red]")
-                continue
-            dec = "-" if r["decoded_per_kept"] is None else f"{r['decoded_per_kept']:.2f}"
-            dec += " (c)" if r["decoded_note"] == "computed" else ""
-            cpu = f"{r['cpu_ms_per_clip']:.1f}"
-            tab.add_row(label, f"{r['clips_per_s']:.1f}", dec, cpu, r["gpu"], "-", "-")
-    synth_path = root / "synthetic.json"
-    synth = json.loads(synth_path.read_text()) if synth_path.exists() else None
-    summary["synthetic"] = synth
-    if synth:
-        mem = "-" if synth["gpu_mem_gib"] is None else f"{synth['gpu_mem_gib']:.1f} GiB"
-        tab.add_row(f"synthetic data, batch {synth['shape']}", f"{synth['clips_per_s']:.1f}", "-", "-", mem,
-                    "-", "1.00x")  # fmt: skip
-    metrics = root / "train" / "metrics.jsonl"
-    if metrics.exists():
-        tr = train_summary(metrics)
-        mem_file = root / "gpu_mem_mib.txt"
-        values = [float(v) for v in mem_file.read_text().split()] if mem_file.exists() else []
-        tr["gpu_mem_gib"] = max(values) / 1024 if values else None
-        summary["train"] = tr
-        mem = "-" if tr["gpu_mem_gib"] is None else f"{tr['gpu_mem_gib']:.1f} GiB (nvidia-smi peak)"
-        vs = f"{tr['clips_per_s'] / synth['clips_per_s']:.2f}x" if synth else "-"
-        tab.add_row(f"train.py one epoch ({tr['windows']} log windows)", f"{tr['clips_per_s']:.1f}", "-", "-",
-                    mem, f"{100 * tr['data_wait']:.1f}%", vs)  # fmt: skip
-    console.print(tab)
-    console.print("(c) = computed: DALI's video decoder decodes from frame 0 to the highest requested index")
-    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = collect(root, device, budget)
+    print(render(summary, root))
+    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["probe"] and len(argv) == 1:
+        return probe()
     if len(argv) >= 3 and argv[0] == "synthetic":
         print(json.dumps(synthetic(argv[1], argv[2], argv[3:])))
         return 0
-    if len(argv) == 2 and argv[0] == "table":
-        table(argv[1])
+    if argv[:1] == ["table"]:
+        p = argparse.ArgumentParser(prog="gpu_check_report.py table")
+        p.add_argument("outdir")
+        p.add_argument("--device", default="gpu")
+        p.add_argument("--budget", type=float, default=None)
+        args = p.parse_args(argv[1:])
+        table(args.outdir, args.device, args.budget)
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -3,7 +3,9 @@
 Trimmed bitstreams must decode, through DALI's CPU decoder, to exactly the frames the whole file
 gives (VP9, MJPEG; every sampling mode and test views); H.264 with B-frames is checked with PyAV
 (DALI's CPU decoder has no H.264); bad indexes name the file (and the list line in the loader); the
-list's index file is reused while current and rebuilt when a video changes.
+list's index file is reused while current and rebuilt when a video changes. H.264, HEVC and VP9 run
+through the loader on the GPU route (NVDEC-legal clips, see conftest) and on their CPU twins, trim on
+and off.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import write_clip
+from conftest import assert_sampled_frames, clip_size, write_clip
 from nvidia.dali import fn, pipeline_def
 
 from dali_pipes.loader import build_loader, sampling_options
@@ -247,27 +249,53 @@ def test_loader_batches_identical_with_trim_on_and_off(tmp_path, ffmpeg_availabl
     assert all(torch.equal(a, b) for a, b in zip(batches["on"], batches["off"], strict=True))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("codec", ["h264_bframes", "vp9"])
-def test_gpu_batches_identical_with_trim_on_and_off(tmp_path, ffmpeg_available, codec):
-    """NVDEC (`data.device: gpu`) decodes the trimmed Matroska to the same clips as the whole file."""
-    lines = []
-    for i in range(4):
-        if codec == "vp9":
-            write_clip(tmp_path / f"v{i}.webm", 60, W * 2, H * 2, gop=12, seed=i)
-            name = f"v{i}.webm"
-        else:
-            name = Path(_bframe_clip(tmp_path / f"v{i}.mp4")).name
-        lines.append(f"{name} 60 {i % 2}")
+# codec -> (container, B-frames): H.264/HEVC as x264/x265 with 3 forced B-frames (reordered frames and an
+# mp4 edit list, as in real Kinetics files); VP9 has no B-frames (libvpx realtime: no hidden alt-refs)
+CODEC_CASES = {"h264": ("mp4", 3), "hevc": ("mp4", 3), "vp9": ("webm", None)}
+
+
+def _codec_cases() -> list:
+    """Each codec on the GPU route (NVDEC; skipped without CUDA) and as its CPU twin (runs in CI)."""
+    gpu = [pytest.mark.gpu]
+    return [pytest.param(device, codec, id=f"{device}-{codec}", marks=gpu if device == "gpu" else [])
+            for codec in CODEC_CASES for device in ("gpu", "cpu")]  # fmt: skip
+
+
+@pytest.mark.parametrize("device,codec", _codec_cases())
+def test_codec_routes_decode_sampled_frames_with_trim_on_and_off(tmp_path, ffmpeg_available, device, codec):
+    """One body for the GPU route and its CPU twin: 3 clips (GOP 12, B-frames for H.264/HEVC) give, with
+    data.trim on and off, the same val clips, whose every frame is the sampled index's frame. gpu: NVDEC
+    gets the (trimmed) Matroska or the whole file, clips of clip_size("gpu") (NVDEC's minimum); cpu:
+    DALI's CPU decoder for VP9, the PyAV route (`cpu_decoder: pyav`, where data.trim does not apply) for
+    H.264/HEVC, which DALI's CPU decoder lacks; small clips (clip_size("cpu"))."""
+    width, height = clip_size(device)
+    ext, bframes = CODEC_CASES[codec]
+    lines, paths = [], []
+    for i, n in enumerate((40, 29, 52)):
+        paths.append(write_clip(tmp_path / f"v{i}.{ext}", n, width, height, codec=codec, gop=12, seed=i,
+                                bframes=bframes))  # fmt: skip
+        lines.append(f"v{i}.{ext} {n} {i % 2}")
+    if bframes:
+        packets = build_video_index(str(paths[0])).packets
+        assert (packets["pts"] != packets["dts"]).any(), "the clip should have reordered (B) frames"
     list_path = tmp_path / "list.txt"
     list_path.write_text("\n".join(lines) + "\n")
-    batches = {}
+    route = dict(device=device, cpu_decoder="dali" if codec == "vp9" else "pyav", num_segments=4,
+                 input_size=height, scale_size=height)  # val: identity resize, centre crop of the frame
+    tol = {"gpu": 8.0, "dali": 5.0, "pyav": 0.5}["gpu" if device == "gpu" else route["cpu_decoder"]]
+    clips = {}
     for trim_on in ("on", "off"):
-        loader = build_loader(loader_cfg(list_path, device="gpu", trim=trim_on), "train", device_id=0)
-        batches[trim_on] = [b["clips"].cpu().clone() for b in loader]
+        data = loader_cfg(list_path, trim=trim_on, batch_size=3, **route)
+        loader = build_loader(data, "val", device_id=0 if device == "gpu" else None)
+        (batch,) = list(loader)
         loader.close()
-    assert len(batches["on"]) == 2
-    assert all(torch.equal(a, b) for a, b in zip(batches["on"], batches["off"], strict=True))
+        assert batch["ids"].tolist() == [0, 1, 2]
+        clips[trim_on] = batch["clips"][:, 0].cpu()
+        for sid, (clip, path) in enumerate(zip(clips[trim_on].numpy(), paths, strict=True)):
+            ref = decode_all(str(path))
+            want = clip_indices(len(ref), "val", loader.sampling, sample_id=sid)[0]
+            assert_sampled_frames(clip, ref, want, x0=(width - height) // 2, tol=tol)
+    assert torch.equal(clips["on"], clips["off"])
 
 
 def test_prep_lists_and_validate_write_the_index(tmp_path, ffmpeg_available):

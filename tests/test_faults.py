@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import frame_content, write_clip
 from PIL import Image
 from test_prep_probe import write_audio_only, write_cut_copy, write_vfr_clip, write_zero_frame_clip
@@ -399,7 +400,7 @@ def test_loader_skip_bad_eval_warns_once_per_left_out_sample(videos: Path, tmp_p
         ids, loader = run_loader(data_cfg(listed, root=str(videos), skip_bad=True, batch_size=1), mode)
     warned = [r.getMessage() for r in caplog.records if "empty.webm" in r.getMessage()]
     assert ids == [0, 2] and loader.left_out == 1
-    assert len(warned) == 1 and warned[0].endswith("(data.skip_bad: left out)"), warned
+    assert len(warned) == 1 and "(data.skip_bad: left out of the scores" in warned[0], warned
 
 
 def test_loader_worker_processes_name_the_line_and_file_too(videos: Path, tmp_path: Path) -> None:
@@ -784,3 +785,38 @@ def test_av1_loads_in_train_mode_and_validates_on_both_routes(av1_clip: Path, tm
     assert validate_main([str(listed), "--jobs", "1", "--quiet"]) == 0
     # NVDEC takes AV1: the verdict compares the codec (av1), not the decoder's name (libdav1d)
     assert validate_main([str(listed), "--device", "gpu", "--jobs", "1", "--quiet"]) == 0
+
+
+class _MeanNet(torch.nn.Module):
+    """Scores a view by its mean pixel (what is tested is which videos arrive). Like the real models it
+    cannot take a batch of 0 videos (reshape(0, -1) is ambiguous)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1).mean(1, keepdim=True) * self.weight
+
+
+def test_skip_bad_eval_left_out_sample_is_one_accurate_line(videos: Path, tmp_path: Path, caplog) -> None:
+    """A bad val sample under data.skip_bad, scored in 3 passes (validation every epoch) with a batch
+    holding only it: one warning naming its line, saying "left out" (not "replaced"), and the passes
+    score the good videos (an all-left-out batch is no longer a model call on 0 videos)."""
+    from engine.scoring import evaluate_model
+
+    listed = tmp_path / "val.txt"
+    listed.write_text(f"good.webm {FRAMES} 0\nempty.webm {FRAMES} 1\n")
+    loader = build_loader(data_cfg(listed, root=str(videos), skip_bad=True, batch_size=1), "val")
+    try:
+        with caplog.at_level("WARNING"):
+            for epoch in range(3):
+                loader.set_epoch(epoch)
+                result = evaluate_model(_MeanNet(2), loader, 2)
+                assert result.metrics["videos"] == 1 and result.ids.tolist() == [0]
+    finally:
+        loader.close()
+    lines = [r.getMessage() for r in caplog.records if "empty.webm" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{listed}:2: bad sample")
+    assert "left out" in lines[0] and "replaced" not in lines[0]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import clip_size
 
 import evaluate
 import predict
@@ -39,13 +40,12 @@ train: {{amp: fp32, threads: 1}}
 """
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
-    """3 synthetic clips (one per class), a debug TSM checkpoint with its config, the same weights without
-    a config (as models.convert writes), and a folder of the clips plus one broken file."""
-    root = tmp_path_factory.mktemp("predict")
+def make_setup(root: Path, size: int) -> dict:
+    """3 synthetic clips (one per class, size x size), a debug TSM checkpoint with its config, the same
+    weights without a config (as models.convert writes), and a folder of the clips plus one broken file."""
     cmd = [sys.executable, "-m", "prep.synth", str(root / "data"), "--classes", *CLASSES, "--per-class", "1",
-           "--val-per-class", "1", "--size", "32", "--frames", "8", "--jobs", "1", "--quiet"]  # fmt: skip
+           "--val-per-class", "1", "--size", str(size), "--frames", "8", "--jobs", "1",
+           "--quiet"]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     (root / "cfg.yaml").write_text(CONFIG.format(root=root / "data"))
     cfg = load_config(root / "cfg.yaml")
@@ -60,6 +60,18 @@ def setup(tmp_path_factory) -> dict:
         shutil.copy(root / "data" / "videos" / name / "val_0000.webm", folder / f"{name}.webm")
     (folder / "broken.webm").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
     return {"root": root, "ckpt": ckpt, "bare": bare, "folder": folder, "cfg": root / "cfg.yaml"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """32x32 clips: the CPU tests."""
+    return make_setup(tmp_path_factory.mktemp("predict"), 32)
+
+
+@pytest.fixture(scope="module")
+def nvdec_setup(tmp_path_factory) -> dict:
+    """Clips NVDEC accepts (square, at least conftest.clip_size("gpu")): the gpu test."""
+    return make_setup(tmp_path_factory.mktemp("predict_nvdec"), max(clip_size("gpu")))
 
 
 def test_folder_with_a_broken_file_matches_evaluate(setup, tmp_path, capsys):
@@ -192,14 +204,14 @@ def test_a_video_the_decoder_fails_on_is_skipped(setup, tmp_path, monkeypatch, c
 
 
 @pytest.mark.gpu
-def test_gpu_route_predicts_as_the_cpu_route(setup, tmp_path):
+def test_gpu_route_predicts_as_the_cpu_route(nvdec_setup, tmp_path):
     """data.device gpu (NVDEC, model on CUDA) gives the CPU route's top-1 and close probabilities."""
     results = {}
     for device in ("cpu", "gpu"):
         out = tmp_path / f"{device}.json"
         argv = [
-            str(setup["ckpt"]),
-            str(setup["folder"]),
+            str(nvdec_setup["ckpt"]),
+            str(nvdec_setup["folder"]),
             "--topk",
             "3",
             "--out",

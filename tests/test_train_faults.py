@@ -23,7 +23,6 @@ import train
 from dali_pipes.source import ClipLoadError
 from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.config import dump_yaml
-from engine.preemption import StopRequest
 from engine.preflight import STALE_CKPT_TMP, remove_stale_checkpoint_temps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,37 +196,45 @@ def test_evaluate_bad_label_and_bad_sample_are_one_line_rc2(monkeypatch, tmp_pat
 
 
 class SignalLoader(MemoryLoader):
-    """Sends this process SIGTERM while yielding batch (epoch, position) of `term_at` (the first time)."""
+    """Sends this process `sig` while yielding batch (epoch, position) of `term_at` (the first time)."""
 
-    def __init__(self, *a, term_at: tuple[int, int], **kw):
+    def __init__(self, *a, term_at: tuple[int, int], sig: int = signal.SIGTERM, **kw):
         super().__init__(*a, **kw)
-        self.term_at = term_at
+        self.term_at, self.sig = term_at, sig
 
     def __iter__(self):
         for batch in super().__iter__():
             if self.mode == "train" and (self.epoch, self.position - 1) == self.term_at:
                 self.term_at = (-1, -1)
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), self.sig)
             yield batch
 
 
-@pytest.mark.parametrize("term_at", [(1, 1), (0, 3)])  # mid-epoch 2; the last batch of epoch 1
-def test_sigterm_checkpoints_at_the_next_step_and_resumes_bitwise(monkeypatch, tmp_path, capsys, term_at):
+@pytest.mark.parametrize(
+    "term_at, sig",  # mid-epoch 2; the last batch of epoch 1; Ctrl-C (SIGINT) mid-epoch 2
+    [((1, 1), signal.SIGTERM), ((0, 3), signal.SIGTERM), ((1, 1), signal.SIGINT)],
+)
+def test_stop_signal_checkpoints_at_the_next_step_and_resumes_bitwise(monkeypatch, tmp_path, capsys, term_at,
+                                                                     sig):
+    """SIGTERM (rc 0: a scheduler's preemption) and SIGINT (rc 130: Ctrl-C, no KeyboardInterrupt traceback)
+    both checkpoint at the next step; the resumed run ends bitwise where an uninterrupted one does."""
     common = {"train.amp": "fp32", "train.ema": 0.9, "train.epochs": 3, "model.dropout": 0.5}
     _route_loader(monkeypatch, MemoryLoader)
     full = train.train(tiny_config(tmp_path / "a", **common))
-    _route_loader(monkeypatch, SignalLoader, term_at=term_at)
+    _route_loader(monkeypatch, SignalLoader, term_at=term_at, sig=sig)
     cfg_b = _write_config(tmp_path / "b", **common)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        assert train.main([cfg_b]) == 0
-        handler = signal.getsignal(signal.SIGTERM)
-        assert not isinstance(getattr(handler, "__self__", None), StopRequest), "the run's handler stayed"
+        assert train.main([cfg_b]) == (130 if sig == signal.SIGINT else 0)
+        for s, handler in previous.items():
+            assert signal.getsignal(s) is handler, "the run's handlers stayed"
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     err = capsys.readouterr().err
     step = 4 * term_at[0] + term_at[1] + 1  # the step whose batch was in flight when the signal came
-    assert f"stopped by SIGTERM at step {step}" in err and "Traceback" not in err
+    assert f"stopped by {signal.Signals(sig).name} at step {step}" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
     ckpt = latest_checkpoint(tmp_path / "b" / "run")
     state = load_checkpoint(ckpt)
     assert state["step"] == step and (state["epoch"], state["batch_in_epoch"]) == (term_at[0], term_at[1] + 1)
@@ -272,8 +279,10 @@ def test_too_little_free_space_refuses_before_writing(monkeypatch, tmp_path):
     real = engine.checkpoint.shutil.disk_usage
     monkeypatch.setattr(engine.checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
     path = tmp_path / "ckpt_e0001_s000000001.pt"
-    with pytest.raises(CheckpointError, match=r"disk full: .*ckpt_e0001_s000000001\.pt needs about 1 MiB"):
+    needs = r"disk full: .*ckpt_e0001_s000000001\.pt needs about 1 MiB"
+    with pytest.raises(CheckpointError, match=needs) as e:
         save_checkpoint(path, _state())
+    assert "(no earlier checkpoint)" in str(e.value) and "is kept" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -288,8 +297,9 @@ def test_enospc_during_the_write_names_the_file(monkeypatch, tmp_path):
 
     monkeypatch.setattr(engine.fileio.tempfile, "mkstemp", full_temp)
     path = tmp_path / "ckpt_e0002_s000000002.pt"
-    with pytest.raises(CheckpointError, match=r"disk full while writing .*ckpt_e0002_s000000002\.pt"):
+    with pytest.raises(CheckpointError, match=r"disk full while writing .*ckpt_e0002_s000000002\.pt") as e:
         save_checkpoint(path, _state())
+    assert "the previous checkpoint ckpt_e0001_s000000001.pt is kept" in str(e.value)
     assert not path.exists() and latest_checkpoint(tmp_path).name == "ckpt_e0001_s000000001.pt"
 
 
@@ -402,7 +412,7 @@ def test_clip_source_arms_workers_only(monkeypatch):
     import dali_pipes.source as source
 
     calls = []
-    monkeypatch.setattr(source, "die_with_parent", lambda pid: calls.append(pid))
+    monkeypatch.setattr(source, "die_with_parent", lambda pid, ignore_sigint: calls.append(pid))
     src = source.ClipSource.__new__(source.ClipSource)
     src.owner_pid, src.base_epoch, src.start_batch, src.batch, src.kind = os.getpid(), 0, 0, 1, "pyav"
     src._orders = {0: []}
@@ -418,3 +428,328 @@ def test_clip_source_arms_workers_only(monkeypatch):
     with pytest.raises(StopIteration):
         src(Info())
     assert calls == [os.getpid() + 1]
+
+
+# ---- one writer per run directory; an empty out_dir; free space at the start ---------------------------
+
+LOCK_HOLDER = textwrap.dedent("""
+    import sys, time
+    from engine.runlock import RunLock
+    with RunLock(sys.argv[1]):
+        print("held", flush=True)
+        time.sleep(60)
+""")
+
+
+def test_second_trainer_in_a_held_run_dir_is_one_line_naming_the_holder(monkeypatch, tmp_path, capsys):
+    """A trainer (here: a process holding the lock) owns out_dir; a second `--resume auto` there stops
+    before it builds or writes anything, naming the holder's pid and host."""
+    import socket
+
+    _no_loader(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert train.main([_write_config(tmp_path), "--resume", "auto"]) == 2
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    line = _one_error_line(capsys.readouterr().err)
+    host = socket.gethostname()
+    assert f"train.out_dir: {run} is in use by another trainer (pid {holder.pid} on host {host}" in line
+    assert sorted(p.name for p in run.iterdir()) == ["train.lock"]  # no config.yaml, metrics, checkpoint
+
+
+def test_stale_lock_of_a_dead_trainer_is_taken_over_with_one_line(monkeypatch, tmp_path, capsys):
+    """A lock file left by a SIGKILLed trainer (its text, no lock held): the next start takes it over
+    and says so; a clean end empties the file, so a following start says nothing about it."""
+    import json
+    import socket
+
+    _route_loader(monkeypatch, MemoryLoader)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = {"pid": dead.pid, "host": socket.gethostname(), "started": "yesterday", "command": "train.py x"}
+    (run / "train.lock").write_text(json.dumps(holder))
+    cfg = _write_config(tmp_path, **{"train.epochs": 1, "train.eval_every": 0})
+    assert train.main([cfg]) == 0
+    err = capsys.readouterr().err
+    took = [ln for ln in err.splitlines() if "stale lock" in ln]
+    assert len(took) == 1 and f"pid {dead.pid}" in took[0] and "not running" in took[0], err
+    assert (run / "train.lock").read_text() == ""  # released at the end
+    assert train.main([cfg, "--resume", "auto"]) == 0  # the same process takes it again: released for real
+    assert "stale lock" not in capsys.readouterr().err
+
+
+def test_run_lock_is_released_for_forked_children_too(tmp_path):
+    """Forked loader workers share the lock's open file: release() must unlock it, not only close it."""
+    from engine.runlock import RunDirBusyError, RunLock
+
+    lock = RunLock(tmp_path).__enter__()
+    child = os.fork()
+    if child == 0:  # holds a copy of the fd, like a DALI worker
+        time.sleep(5)
+        os._exit(0)
+    try:
+        with pytest.raises(RunDirBusyError, match=f"pid {os.getpid()}"):
+            RunLock(tmp_path).acquire()
+        lock.release()
+        with RunLock(tmp_path):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_out_dir_is_refused_naming_the_key(monkeypatch, tmp_path, capsys, value):
+    _no_loader(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert train.main([_write_config(tmp_path), f"--train.out_dir={value}"]) == 2
+    assert "train.out_dir: empty" in _one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
+
+
+def test_too_little_space_for_one_checkpoint_is_found_at_the_start(monkeypatch, tmp_path, capsys):
+    """The estimate (model + SGD momentum, from a meta-device model) against the free space, before any
+    loader is built: not at the first checkpoint an epoch later."""
+    import engine.preflight
+
+    _no_loader(monkeypatch)
+    real = engine.preflight.shutil.disk_usage
+    monkeypatch.setattr(engine.preflight.shutil, "disk_usage", lambda p: real(p)._replace(free=3 << 20))
+    assert train.main([_write_config(tmp_path)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    run = tmp_path / "run"
+    assert f"train.out_dir: {run} has 3 MiB free, one checkpoint needs about" in line
+    need = int(line.split("needs about ")[1].split(" MiB")[0])
+    assert need > 3
+    assert not (run / "metrics.jsonl").exists() and latest_checkpoint(run) is None
+
+
+# ---- no process outlives the command that started it ------------------------------------------------
+
+
+def _marked_processes(mark: str) -> list[tuple[int, str]]:
+    """(pid, cmdline) of the live processes whose environment holds `mark` (every descendant of a process
+    started with it inherits it: pool children, DALI workers, multiprocessing's resource tracker)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if mark.encode() in (d / "environ").read_bytes() and _running(int(d.name)):
+                found.append((int(d.name), (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> Path:
+    """prep.synth's smallest set: 16 train and 8 val clips of 8 frames, 32 px."""
+    data = tmp_path_factory.mktemp("synth") / "data"
+    synth = [sys.executable, "-m", "prep.synth", str(data), "--per-class", "2", "--val-per-class", "1",
+             "--frames", "8", "--size", "32", "--quiet"]  # fmt: skip
+    subprocess.run(synth, cwd=REPO, check=True, timeout=120)
+    return data
+
+
+@pytest.mark.slow  # 21 s on 2 busy cores
+def test_ctrl_c_in_a_terminal_checkpoints_and_exits_130_without_a_traceback(synth_data, tmp_path):
+    """Ctrl-C reaches the whole foreground process group: the trainer and its DALI worker. The worker
+    leaves the decision to the trainer, which checkpoints at the next step, says so in one line and
+    exits 130; nothing of the job is left running."""
+    tag = f"{os.getpid()}_{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VIDREC_TEST_MARK": tag, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "configs/demo.yaml", f"--data.train_list={synth_data / 'train.txt'}",
+           f"--data.val_list={synth_data / 'val.txt'}", f"--data.flip_pairs={synth_data / 'flip_pairs.txt'}",
+           "--data.batch_size=2", "--train.log_every=1", "--train.epochs=50",
+           f"--train.out_dir={out}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,  # its own group: a terminal's foreground job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("step 3 "):
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        lines += proc.stderr.readlines()
+        assert proc.wait(timeout=60) == 130, "".join(lines[-20:])
+    finally:
+        proc.kill()
+    err = "".join(lines)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    stopped = [ln for ln in lines if "stopped by SIGINT" in ln]
+    assert len(stopped) == 1 and "continue with --resume auto" in stopped[0], err[-3000:]
+    assert load_checkpoint(latest_checkpoint(out))["step"] >= 3
+    assert _marked_processes(f"VIDREC_TEST_MARK={tag}") == []
+
+
+def test_sigkilled_demo_leaves_no_process_behind(synth_data, tmp_path):
+    """`python -m demo` SIGKILLed mid-training (a time limit running out): its two spawned training
+    processes, their DALI workers and multiprocessing's resource tracker all end with it. (Without
+    engine.lifetime.pool_options in demo.py the two trainings and the tracker survive it: checked.)"""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("the demo trains in a process pool only with 2 or more cores")
+    data = synth_data
+    tag = f"{os.getpid()}_{time.monotonic_ns()}"
+    mark = f"VIDREC_TEST_MARK={tag}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VIDREC_TEST_MARK": tag, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "demo", "--data", str(data), "--out", str(tmp_path / "runs"), "--epochs",
+           "50"]  # fmt: skip
+    demo = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    seen: list[tuple[int, str]] = []
+    try:
+        deadline = time.monotonic() + 240
+        for line in demo.stderr:  # wait until both trainings have made a step
+            if "] step " in line:
+                seen = _marked_processes(mark)
+                if sum("spawn_main" in c for _, c in seen) >= 2:
+                    break
+            assert time.monotonic() < deadline, "the demo did not start training in time"
+        assert any("resource_tracker" in c for _, c in seen), seen  # the helpers the test is about exist
+        demo.send_signal(signal.SIGKILL)
+        demo.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _marked_processes(mark) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _marked_processes(mark)
+        assert left == [], f"processes outlived the SIGKILLed demo (of {len(seen)} it had): {left}"
+    finally:
+        demo.kill()
+        for pid, _ in _marked_processes(mark):
+            os.kill(pid, signal.SIGKILL)
+
+
+POOL_PARENT = textwrap.dedent("""
+    import time
+    from prep.common import parallel_map
+    print("mapping", flush=True)
+    for _ in parallel_map(time.sleep, [60] * 4, jobs=2, description="sleep", quiet=True):
+        pass
+""")
+
+
+def test_sigkilled_prep_tool_leaves_no_pool_worker_behind():
+    """prep's parallel_map (resize, lists, validate, packet index): its process pool dies with the tool."""
+    tag = f"{os.getpid()}_{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VIDREC_TEST_MARK": tag}
+    proc = subprocess.Popen([sys.executable, "-c", POOL_PARENT], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    mark = f"VIDREC_TEST_MARK={tag}"
+    try:
+        assert proc.stdout.readline().strip() == "mapping"
+        deadline = time.monotonic() + 30
+        while len(_marked_processes(mark)) < 3 and time.monotonic() < deadline:  # the tool + 2 workers
+            time.sleep(0.1)
+        assert len(_marked_processes(mark)) >= 3
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _marked_processes(mark) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _marked_processes(mark) == [], "pool workers outlived the SIGKILLed tool"
+    finally:
+        proc.kill()
+        for pid, _ in _marked_processes(mark):
+            os.kill(pid, signal.SIGKILL)
+
+
+# ---- metrics.jsonl: never torn -------------------------------------------------------------------------
+
+
+def _records(path: Path) -> list[dict]:
+    import json
+
+    text = path.read_text()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]  # every line whole
+
+
+def test_torn_metrics_line_is_removed_before_the_next_start_appends(monkeypatch, tmp_path, capsys):
+    """A metrics.jsonl ending in half a record (a run that died before its first checkpoint; a power
+    loss): the next start cuts it off, says so, and appends whole records after the last whole one."""
+    _route_loader(monkeypatch, MemoryLoader)
+    run = tmp_path / "run"
+    run.mkdir()
+    whole = '{"kind": "start", "step": 0}\n'
+    torn = '{"kind": "train", "step": 1, "lo'
+    (run / "metrics.jsonl").write_text(whole + torn)
+    assert train.main([_write_config(tmp_path, **{"train.epochs": 1, "train.eval_every": 0})]) == 0
+    assert f"metrics.jsonl: removed a torn last line ({len(torn)} bytes" in capsys.readouterr().err
+    records = _records(run / "metrics.jsonl")
+    assert records[0] == {"kind": "start", "step": 0} and records[1]["kind"] == "start"
+
+
+def test_enospc_while_writing_metrics_is_one_line_and_leaves_no_torn_record(monkeypatch, tmp_path, capsys):
+    """The disk fills during a metrics record: half of it reaches the file, then ENOSPC. The run stops
+    with one line naming the file (rc 2, no OSError traceback); the half record is cut off again."""
+    import errno
+
+    _route_loader(monkeypatch, MemoryLoader)
+    real_write, calls = os.write, []
+
+    def filling_write(fd: int, data) -> int:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl")
+        except OSError:
+            target = False
+        if not target:
+            return real_write(fd, data)
+        calls.append(len(data))
+        if len(calls) == 4:  # the 4th record: half written
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        if len(calls) > 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", filling_write)
+    assert train.main([_write_config(tmp_path, **{"train.eval_every": 0})]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in err and "OSError" not in err, err
+    line, path = errors[0], tmp_path / "run" / "metrics.jsonl"
+    assert f"disk full while writing {path}" in line and "is not written" in line
+    assert len(_records(path)) == 3  # the three whole records before it, nothing after
+
+
+def test_run_lock_without_flock_goes_by_the_pid_and_host(monkeypatch, tmp_path, capsys):
+    """A filesystem without flock (ENOLCK): a live pid on this host holds the directory, another host
+    holds it too (its pid cannot be checked from here), a dead pid on this host is taken over."""
+    import errno
+    import json
+    import socket
+
+    import engine.runlock
+    from engine.runlock import RunDirBusyError, RunLock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(engine.runlock.fcntl, "flock", no_flock)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = socket.gethostname()
+    for pid, host, busy in [(os.getppid(), here, True), (dead.pid, "node-17", True), (dead.pid, here, False)]:
+        holder = {"pid": pid, "host": host, "started": "t", "command": "c"}
+        (tmp_path / "train.lock").write_text(json.dumps(holder))
+        if busy:
+            with pytest.raises(RunDirBusyError, match=f"pid {pid} on host {host}"):
+                RunLock(tmp_path).acquire()
+        else:
+            with RunLock(tmp_path, say=print):
+                assert json.loads((tmp_path / "train.lock").read_text())["pid"] == os.getpid()
+            took = f"took over the stale lock {tmp_path / 'train.lock'} of pid {pid}"
+            assert took in capsys.readouterr().out

@@ -213,3 +213,28 @@ def test_bad_file_on_one_rank_ends_the_job_quickly_naming_it(clips, tmp_path):
     ours = [ln for ln in err_lines if ln.startswith("[rank")]
     assert not ours, "a rank printed a traceback:\n" + "".join(ours[-20:])
     assert error_at is not None and ended - error_at < 60, f"the job took {ended - error_at:.0f} s to end"
+
+
+LOCK_HOLDER = "import sys, time\nfrom engine.runlock import RunLock\nwith RunLock(sys.argv[1]):\n" \
+              "    print('held', flush=True)\n    time.sleep(120)\n"  # fmt: skip
+
+
+def test_held_run_dir_stops_every_rank_with_one_line(clips, tmp_path):
+    """Another trainer holds out_dir: rank 0 names it in one line, rank 1 learns rank 0's verdict
+    (no rank waits in a collective), and the job ends at once, before any loader is built."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run)], cwd=REPO, env=_env(),
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = _run(_cmd(clips, run, "--resume", "auto"), timeout=120)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    busy = f"is in use by another trainer (pid {holder.pid}"
+    assert len(errors) == 1 and busy in errors[0], proc.stderr[-3000:]
+    assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("[rank")], proc.stderr[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == ["train.lock"]
