@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), help="autocast dtype (default: train.amp)")
     p.add_argument(
+        "--timeline", metavar="PNG",
+        help="one long video over time: sliding windows, their top-k (printed; --out: a row per window) and "
+        "this picture of class probability over time",
+    )  # fmt: skip
+    p.add_argument("--window", type=int, default=64, help="--timeline: frames per window")
+    p.add_argument("--stride", type=int, default=0, help="--timeline: frames between window starts (default: "
+                   "half a window)")  # fmt: skip
+    p.add_argument(
         "--weights",
         default="model",
         choices=("model", "ema"),
@@ -128,6 +136,15 @@ def predict(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError(f"--out: {args.out} must end in {' or '.join(OUT_FORMATS)}")
     if args.topk < 1:
         raise ConfigError(f"--topk: must be >= 1, got {args.topk}")
+    if args.timeline:  # one video, windows over time (engine.inference.timeline_command)
+        if not Path(args.target).is_file():
+            raise ConfigError(f"--timeline: {args.target} must be one video file")
+        p = inference.Predictor(args.checkpoint, args.config, overrides, None, args.topk, args.classes,
+                                args.weights, args.amp, say=lambda text: console.print(text, markup=False))
+        stride = args.stride or max(1, args.window // 2)
+        inference.timeline_command(p, args.target, args.window, stride, args.timeline, args.out,
+                                   lambda text: console.print(text, markup=False))  # fmt: skip
+        return 0
     paths = collect_videos(args.target, args.root)  # before the model: a wrong path fails fast
     path, why = run_checkpoint(args.checkpoint)
     args.checkpoint = str(path)
@@ -200,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(rest)
     try:
         return predict(args, overrides)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:  # ValueError: --timeline's
+        # one video unreadable (prep.probe, the test loader)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -123,9 +123,11 @@ def score_videos(
     amp: str,
     device_id: int | None,
     on_done: Callable[[list[int]], None] = lambda ids: None,
+    per_view: bool = False,
 ) -> dict[int, np.ndarray]:
     """Class probabilities of each (path, frames) video, by its index in `videos`; an index missing from
     the result is a video the loader could not decode (skipped through data.skip_bad, warned there).
+    `per_view`: each video's unfused (views, classes) logits instead (the timeline's windows).
 
     Paths that resolve to one file (a symbolic link beside its target) are decoded once and each gets
     the scores under its own name (a list holds each file once). Rotated videos are turned upright on
@@ -154,7 +156,7 @@ def score_videos(
             )  # fmt: skip
         finally:
             loader.close()
-    probs = probabilities(result.scores, views.fuse)
+    probs = result.view_logits if per_view else probabilities(result.scores, views.fuse)
     return {i: p for u, p in zip(result.ids, probs, strict=True) for i in owners[files[int(u)]]}
 
 
@@ -303,3 +305,100 @@ class Predictor:
         if result.error:
             raise ValueError(f"{video}: {result.error}")
         return result.topk
+
+
+# --------------------------------------------------------------------------------------------------
+# A long video over time: sliding windows through the test pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """One scored window of a long video: its first and last frame and its top-k."""
+
+    start: int
+    end: int
+    topk: list[tuple[int, str, float]]
+
+
+def timeline_views(frames: int, window: int, stride: int) -> EvalConfig:
+    """Windows of `window` frames whose starts are at most `stride` apart: N = 1 + ceil((F - window) /
+    stride) dense clips, starts spread evenly from frame 0 to F - window (the dense test rule)."""
+    if window < 1 or stride < 1:
+        raise ConfigError(f"--window and --stride must be >= 1, got {window} and {stride}")
+    clips = 1 + max(0, -(-(frames - window) // stride))
+    return EvalConfig(spatial_crops=1, temporal_clips=clips, temporal_mode="dense")
+
+
+def score_timeline(
+    p: Predictor, video: str | Path, window: int, stride: int
+) -> tuple[list[Window], np.ndarray]:
+    """Each window's top-k and the (windows, classes) probabilities of one video, scored by `p`'s model
+    through the test loader with dense sampling: window = data.dense_window frames, T of them sampled
+    (every window // T-th); a window's probabilities are the softmax of its own logits."""
+    from dali_pipes.loader import sampling_options
+    from dali_pipes.sampling import clip_indices
+
+    if window < p.cfg.data.num_segments:
+        segments = p.cfg.data.num_segments
+        raise ConfigError(f"--window: {window} frames cannot hold data.num_segments = {segments}")
+    path = Path(video)
+    frames, _ = probe_frames(path)
+    views = timeline_views(frames, window, stride)
+    data = replace(p.cfg.data, sampling="dense", dense_window=window)
+    cfg = replace(p.cfg, data=data)
+    logits = score_videos(p.model, cfg, [(path, frames)], views, p.amp, p.device_id, per_view=True)
+    if 0 not in logits:
+        raise ValueError(f"{path}: could not be decoded by the test pipeline (see the warning above)")
+    probs = softmax(logits[0])
+    spans = clip_indices(frames, "test", sampling_options(data, views), seed=data.seed, epoch=0, sample_id=0)
+    windows = [
+        Window(int(idx.min()), int(idx.max()), top_k(pr, p.names, p.topk))
+        for idx, pr in zip(spans.reshape(len(probs), -1), probs, strict=True)
+    ]
+    return windows, probs
+
+
+def write_timeline(out: str | Path, video: str, windows: list[Window], meta: dict) -> Path:
+    """Per-window top-k: CSV (a row per window and rank) or JSON, atomically."""
+    out = Path(out)
+    if out.suffix.lower() == ".json":
+        doc = {**meta, "video": video, "windows": [
+            {"start_frame": w.start, "end_frame": w.end,
+             "topk": [{"class_id": c, "class": n, "probability": pr} for c, n, pr in w.topk]}
+            for w in windows
+        ]}  # fmt: skip
+        return atomic_write(out, lambda f: f.write(json.dumps(doc, indent=2) + "\n"), binary=False)
+    if out.suffix.lower() != ".csv":
+        raise ConfigError(f"--out: {out} must end in {' or '.join(OUT_FORMATS)}")
+
+    def rows(f) -> None:
+        w = csv.writer(f)
+        w.writerow(["video", "window", "start_frame", "end_frame", "rank", "class_id", "class",
+                    "probability"])  # fmt: skip
+        for i, win in enumerate(windows):
+            for rank, (c, name, pr) in enumerate(win.topk, start=1):
+                w.writerow([video, i, win.start, win.end, rank, c, name, f"{pr:.6f}"])
+
+    return atomic_write(out, rows, binary=False)
+
+
+def timeline_command(
+    p: Predictor, video: str, window: int, stride: int, png: str, out: str | None, say: Callable[[str], None]
+) -> None:
+    """`python -m predict CKPT VIDEO --timeline PNG [--out CSV|JSON]`: the windows' top-k printed, the
+    picture and the table written (atomically)."""
+    from engine.plot import plot_timeline
+
+    windows, probs = score_timeline(p, video, window, stride)
+    for i, w in enumerate(windows):
+        best = ", ".join(f"{name} {100 * pr:.1f}%" for _, name, pr in w.topk[:3])
+        say(f"window {i} frames {w.start}-{w.end}: {best}")
+    names = p.names or [str(c) for c in range(p.cfg.model.num_classes)]
+    spans = [(w.start, w.end) for w in windows]
+    title = f"{Path(video).name}: {len(windows)} windows of {window} frames, {p.cfg.model.name}"
+    atomic_write(png, lambda f: plot_timeline(spans, probs, names, title, f))
+    say(f"wrote {png}")
+    if out:
+        meta = {"checkpoint": p.checkpoint, "model": p.cfg.model.name, "window": window, "stride": stride}
+        say(f"wrote {write_timeline(out, str(video), windows, meta)}")

@@ -186,6 +186,36 @@ def plot_throughput(
     fig.savefig(f, format="png", dpi=100)
 
 
+def plot_timeline(
+    spans: Sequence[tuple[int, int]], probs, names: Sequence[str], title: str, f: io.IOBase, top: int = 5
+) -> None:
+    """Class probability over a long video: one line per class among the `top` with the highest
+    probability in any window, each point a window at its centre frame; below, each window's extent
+    (first to last sampled frame), in four staggered rows so that overlapping windows stay apart."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    probs = np.asarray(probs)
+    centres = [(a + b) / 2 for a, b in spans]
+    classes = np.argsort(-probs.max(axis=0), kind="stable")[:top]
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    ax, bars = fig.subplots(2, 1, sharex=True, height_ratios=[5, 1])
+    for i, c in enumerate(classes):
+        ax.plot(centres, 100 * probs[:, c], marker="o", markersize=3, color=f"C{i}", label=names[c])
+    ax.set_ylim(-2, 102)
+    ax.set_ylabel("probability %")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    for i, (a, b) in enumerate(spans):
+        bars.broken_barh([(a, max(b - a, 1))], (i % 4, 0.7), color="grey")
+    bars.set_yticks([])
+    bars.set_ylabel("windows", fontsize=8)
+    bars.set_xlabel("frame")
+    bars.set_xlim(min(a for a, _ in spans) - 0.5, max(b for _, b in spans) + 0.5)
+    fig.savefig(f, format="png", dpi=100)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m engine.plot",

@@ -295,3 +295,46 @@ def test_rotation_is_applied_as_ffmpeg_shows_it(tmp_path):
         ours = decode_frames(str(rotated), np.array([0]), rotate=True)[0]
         assert ours.shape[:2] == shape
         assert np.array_equal(ours, np.frombuffer(shown, np.uint8).reshape(ours.shape)), degrees
+
+
+def test_timeline_of_a_long_video(setup, tmp_path, capsys):
+    """--timeline: windows of --window frames at most --stride apart through the test pipeline; each
+    window's probabilities are the softmax of its own logits, so the mean of the windows' logits is what
+    predict gives for the same dense views; a PNG and a per-window CSV."""
+    from engine.inference import Predictor, score_timeline, timeline_views
+
+    cmd = [sys.executable, "-m", "prep.synth", str(tmp_path / "long"), "--classes", "grow", "--per-class",
+           "1", "--val-per-class", "1", "--size", "32", "--frames", "40", "--jobs", "1", "--quiet",
+           ]  # fmt: skip
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    video = tmp_path / "long" / "videos" / "grow" / "val_0000.webm"
+    png, table = tmp_path / "t.png", tmp_path / "t.csv"
+    argv = [str(setup["ckpt"]), str(video), "--timeline", str(png), "--window", "16", "--stride", "8",
+            "--out", str(table), "--topk", "3"]  # fmt: skip
+    assert predict.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert timeline_views(40, 16, 8).temporal_clips == 4 and "window 3 frames 24-" in printed
+    rows = list(csv.DictReader(table.open()))
+    assert [int(r["window"]) for r in rows] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert [int(r["start_frame"]) for r in rows[::3]] == [0, 8, 16, 24]
+    assert png_size_ok(png)
+
+    p = Predictor(setup["ckpt"], topk=3)
+    windows, probs = score_timeline(p, video, 16, 8)
+    assert probs.shape == (4, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert not np.allclose(probs[0], probs[3])  # the windows see different frames
+    dense = Predictor(setup["ckpt"], topk=3, overrides=[
+        "--data.sampling=dense", "--data.dense_window=16", "--eval.temporal_mode=dense",
+        "--eval.temporal_clips=4", "--eval.spatial_crops=1"])  # fmt: skip
+    fused = scoring.softmax(np.log(probs).mean(axis=0, keepdims=True))[0]  # log-softmax differs by a constant
+    got = {c: pr for c, _, pr in dense(video)}
+    np.testing.assert_allclose([got[c] for c in range(3)], fused, atol=2e-5)
+    assert predict.main([str(setup["ckpt"]), str(setup["folder"]), "--timeline", str(png)]) == 2
+    assert "must be one video file" in capsys.readouterr().err
+
+
+def png_size_ok(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size == (1200, 500)
