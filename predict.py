@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="one long video over time: sliding windows, their top-k (printed; --out: a row per window) and "
         "this picture of class probability over time",
     )  # fmt: skip
+    p.add_argument("--render", metavar="OUT.mp4",
+                   help="--timeline: also the video with each frame's top-k labels drawn on it (ffmpeg)")
     p.add_argument("--window", type=int, default=64, help="--timeline: frames per window")
     p.add_argument("--stride", type=int, default=0, help="--timeline: frames between window starts (default: "
                    "half a window)")  # fmt: skip
@@ -136,6 +138,8 @@ def predict(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError(f"--out: {args.out} must end in {' or '.join(OUT_FORMATS)}")
     if args.topk < 1:
         raise ConfigError(f"--topk: must be >= 1, got {args.topk}")
+    if args.render and not args.timeline:
+        raise ConfigError("--render goes with --timeline PNG (the labels come from its windows)")
     if args.timeline:  # one video, windows over time (engine.inference.timeline_command)
         if not Path(args.target).is_file():
             raise ConfigError(f"--timeline: {args.target} must be one video file")
@@ -143,7 +147,7 @@ def predict(args: argparse.Namespace, overrides: list[str]) -> int:
                                 args.weights, args.amp, say=lambda text: console.print(text, markup=False))
         stride = args.stride or max(1, args.window // 2)
         inference.timeline_command(p, args.target, args.window, stride, args.timeline, args.out,
-                                   lambda text: console.print(text, markup=False))  # fmt: skip
+                                   lambda text: console.print(text, markup=False), args.render)  # fmt: skip
         return 0
     paths = collect_videos(args.target, args.root)  # before the model: a wrong path fails fast
     path, why = run_checkpoint(args.checkpoint)

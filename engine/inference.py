@@ -384,10 +384,11 @@ def write_timeline(out: str | Path, video: str, windows: list[Window], meta: dic
 
 
 def timeline_command(
-    p: Predictor, video: str, window: int, stride: int, png: str, out: str | None, say: Callable[[str], None]
+    p: Predictor, video: str, window: int, stride: int, png: str, out: str | None, say: Callable[[str], None],
+    render: str | None = None,
 ) -> None:
-    """`python -m predict CKPT VIDEO --timeline PNG [--out CSV|JSON]`: the windows' top-k printed, the
-    picture and the table written (atomically)."""
+    """`python -m predict CKPT VIDEO --timeline PNG [--out CSV|JSON] [--render OUT.mp4]`: the windows'
+    top-k printed, the picture, the table and the labelled video written (atomically)."""
     from engine.plot import plot_timeline
 
     windows, probs = score_timeline(p, video, window, stride)
@@ -402,3 +403,55 @@ def timeline_command(
     if out:
         meta = {"checkpoint": p.checkpoint, "model": p.cfg.model.name, "window": window, "stride": stride}
         say(f"wrote {write_timeline(out, str(video), windows, meta)}")
+    if render:
+        frames, _ = probe_frames(Path(video))
+        say(f"wrote {render_timeline(video, windows, frames, render)}")
+
+
+def frame_ranges(windows: list[Window], frames: int) -> list[tuple[int, int]]:
+    """The frames each window labels in a rendered video: from midway to the previous window's centre
+    to midway to the next one's (the nearest window's labels on every frame), covering 0..frames-1."""
+    centres = [(w.start + w.end) / 2 for w in windows]
+    cuts = [0] + [int((a + b) / 2) + 1 for a, b in zip(centres, centres[1:], strict=False)] + [frames]
+    return [(lo, hi - 1) for lo, hi in zip(cuts, cuts[1:], strict=False)]
+
+
+def render_timeline(video: str | Path, windows: list[Window], frames: int, out: str | Path) -> Path:
+    """OUT (.mp4): the video with each frame's top-k labels (its nearest window's) drawn at the top left,
+    by ffmpeg's drawtext (H.264, no audio), written to a temp file beside OUT and moved into place. The
+    labels go through text files, so no class name needs escaping in the filter graph."""
+    import shutil
+    import subprocess
+
+    out = Path(out)
+    if out.suffix.lower() != ".mp4":
+        raise ConfigError(f"--render: {out} must end in .mp4")
+    if shutil.which("ffmpeg") is None:
+        raise ConfigError("--render: ffmpeg is not on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="render-") as tmp:
+        filters = []
+        for i, (w, (lo, hi)) in enumerate(zip(windows, frame_ranges(windows, frames), strict=True)):
+            text = Path(tmp) / f"w{i}.txt"
+            text.write_text("\n".join(f"{r}. {name} {100 * pr:.0f}%" for r, (_, name, pr) in
+                                      enumerate(w.topk, start=1)))  # fmt: skip
+            filters.append(
+                f"drawtext=textfile='{text}':expansion=none:font=Sans:fontsize=16:fontcolor=white:box=1:"
+                f"boxcolor=black@0.6:boxborderw=4:x=8:y=8:enable='between(n,{lo},{hi})'"
+            )
+        script = Path(tmp) / "filters.txt"
+        even = "scale=trunc(iw/2)*2:trunc(ih/2)*2"  # H.264 in yuv420p needs even sides
+        script.write_text(",\n".join([*filters, even]))
+        part = out.with_name(f".{out.name}.{os.getpid()}.tmp.mp4")
+        cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-y", "-i", str(video),
+               "-filter_script:v", str(script), "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+               str(part)]  # fmt: skip
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                first = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+                raise ValueError(f"--render: ffmpeg failed on {video}: {first}")
+            os.replace(part, out)
+        finally:
+            part.unlink(missing_ok=True)
+    return out

@@ -333,6 +333,32 @@ def test_timeline_of_a_long_video(setup, tmp_path, capsys):
     assert "must be one video file" in capsys.readouterr().err
 
 
+def test_timeline_render_draws_the_labels_on_every_frame(setup, tmp_path, capsys):
+    """--render OUT.mp4: as many frames as the source, the labels drawn where the source has none (the top
+    left box), written atomically (no temp file left); each frame is labelled by its nearest window."""
+    import av
+
+    from engine.inference import Window, frame_ranges
+
+    video = setup["folder"] / "grow.webm"  # 8 frames
+    out = tmp_path / "labelled.mp4"
+    argv = [str(setup["ckpt"]), str(video), "--timeline", str(tmp_path / "t.png"), "--window", "4",
+            "--stride", "2", "--render", str(out)]  # fmt: skip
+    assert predict.main(argv) == 0, capsys.readouterr().err
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labelled.mp4", "t.png"]
+    with av.open(str(video)) as a, av.open(str(out)) as b:
+        src = [f.to_ndarray(format="rgb24").astype(int) for f in a.decode(video=0)]
+        got = [f.to_ndarray(format="rgb24").astype(int) for f in b.decode(video=0)]
+    assert len(got) == len(src) == 8
+    corner = (slice(8, 14), slice(8, 20))  # inside the label box
+    assert all(abs(g[corner] - s[corner]).mean() > 20 for g, s in zip(got, src, strict=True))
+    spans = [Window(0, 3, []), Window(2, 5, []), Window(4, 7, [])]
+    assert frame_ranges(spans, 8) == [(0, 2), (3, 4), (5, 7)]
+    assert predict.main([str(setup["ckpt"]), str(video), "--render", str(out)]) == 2
+    assert "--render goes with --timeline" in capsys.readouterr().err
+
+
 def png_size_ok(path: Path) -> bool:
     from PIL import Image
 
