@@ -30,21 +30,26 @@ ffmpeg:
 
 $(VENV)/.ready: pyproject.toml
 	@set -e; \
+	echo "setup: creating the virtual environment $(VENV) (once; 'make clean' removes it)"; \
 	if $(PYTHON) -c "import torch" 2>/dev/null; then \
-		echo "reusing the installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+		echo "setup: reusing the installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
 		$(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
 		$(PYTHON) -m venv $(VENV); \
 		if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then \
+			echo "setup: installing torch with CUDA (a GPU is here; a large download, minutes)"; \
 			$(PY) -m pip install -q "torch>=2.4,<3"; \
 		else \
+			echo "setup: installing the CPU build $(TORCH_CPU) (no GPU here; about 200 MB, a minute or two)"; \
 			$(PY) -m pip install -q "$(TORCH_CPU)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) || { \
 				echo "ERROR: could not install the CPU build '$(TORCH_CPU)'."; \
 				echo "       Install a CPU torch into $(PYTHON) first (it is reused), or run"; \
 				echo "       make TORCH_INDEX=<PyTorch CPU wheel index URL> ..."; exit 1; }; \
 		fi; \
 	fi; \
+	echo "setup: installing this checkout (-e) with DALI, PyAV, matplotlib, pytest and ruff (a minute or two)"; \
 	$(PY) -m pip install -q -e ".[test]"; \
+	echo "setup: done ($(PY); TensorBoard is an extra: $(PY) -m pip install -e '.[tb]')"; \
 	touch $@
 
 setup: ffmpeg $(VENV)/.ready

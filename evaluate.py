@@ -1,7 +1,7 @@
 """Multi-view testing of a checkpoint, and fusion of score dumps: the command line.
 
     torchrun --nproc_per_node=8 evaluate.py configs/tsm_k400.yaml --checkpoint tsm_k400.pt --views 3x10
-    python evaluate.py --checkpoint runs/demo --views 3x2   # newest checkpoint of a run, with its config
+    python evaluate.py --checkpoint RUN_DIR --views 3x2   # a run's ckpt_best.pt (else newest), its config
     python evaluate.py --fuse rgb.npz flow.npz --fuse-mode softmax --out fused.npz
 
 This file resolves the config and the checkpoint, builds the test loader and the model, and writes the
@@ -21,6 +21,48 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from engine.config import FUSE_MODES, DefaultsHelpFormatter, exit_if_help
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
+        description="Multi-view testing of a checkpoint, or fusion of score dumps (--fuse A.npz B.npz ...).",
+        epilog="Dotted overrides such as --data.device=cpu or --eval.full_res=true apply after the config.",
+    )
+    p.add_argument("config", nargs="?", help="YAML config (default: the config stored in the checkpoint)")
+    p.add_argument("--checkpoint", help="train.py checkpoint or models.convert output")
+    p.add_argument(
+        "--views", help="CROPSxCLIPS, e.g. 1x1, 3x2, 3x10 (eval.spatial_crops x eval.temporal_clips)"
+    )
+    p.add_argument(
+        "--fuse", nargs="+", metavar="MODE|DUMP",
+        help="logits|softmax: how views are averaged (eval.fuse); or score dumps A.npz B.npz ... to fuse",
+    )  # fmt: skip
+    p.add_argument("--fuse-mode", choices=FUSE_MODES, help="with dumps: view fusion inside each (logits)")
+    p.add_argument(
+        "--out", help="score dump .npz; reports are written next to it (default: by the checkpoint)"
+    )
+    p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), help="autocast dtype (default: train.amp)")
+    p.add_argument(
+        "--weights", default="model", choices=("model", "ema"), help="which weights of the checkpoint"
+    )
+    p.add_argument(
+        "--allow-config-mismatch", action="store_true",
+        help="evaluate even when the checkpoint was trained as another model (model.name/depth/...)",
+    )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace another evaluation's dump at the output path"
+    )
+    p.add_argument(
+        "--progress-every", type=float, default=10.0, metavar="S", help="seconds between progress lines"
+    )
+    return p
+
+
+if __name__ == "__main__":
+    exit_if_help(build_parser)  # before torch and DALI load
+
 import numpy as np
 import torch.distributed as dist
 
@@ -31,14 +73,13 @@ from engine.checkpoint import (
     MODEL_IDENTITY,
     CheckpointError,
     check_model_config,
-    latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    run_checkpoint,
 )
 from engine.config import (
     Config,
     ConfigError,
-    DefaultsHelpFormatter,
     EvalConfig,
     build_config,
     dump_yaml,
@@ -61,7 +102,7 @@ from engine.reports import (
     save_dump,
     write_reports,
 )
-from engine.scoring import FUSE_MODES, EvalResult, compute_metrics, evaluate_model
+from engine.scoring import EvalResult, compute_metrics, evaluate_model
 
 log = logging.getLogger("evaluate")
 
@@ -128,8 +169,10 @@ def evaluate_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
             overrides = [*overrides, f"--eval.spatial_crops={crops}", f"--eval.temporal_clips={clips}"]
         if args.fuse:
             overrides = [*overrides, f"--eval.fuse={args.fuse[0]}"]
-        if Path(args.checkpoint).is_dir():  # a run folder: its newest checkpoint (named in the outputs)
-            args.checkpoint = str(latest_checkpoint(args.checkpoint) or args.checkpoint)
+        path, why = run_checkpoint(args.checkpoint)  # a run folder: its best, else newest (in the outputs)
+        args.checkpoint = str(path)
+        if info.is_main:
+            print(f"checkpoint {path} ({why})")
         ckpt = load_checkpoint(args.checkpoint)
         cfg = resolve_config(args.config, ckpt, args.checkpoint, overrides)
         check_model_config(cfg.model, ckpt, args.checkpoint, CONFIG_MISMATCH_FIX, args.allow_config_mismatch)
@@ -283,42 +326,6 @@ def report_checkpoint_result(
         note = differs(dataset, validated)
         if note:
             print(f"note: {note}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        formatter_class=DefaultsHelpFormatter,
-        description="Multi-view testing of a checkpoint, or fusion of score dumps (--fuse A.npz B.npz ...).",
-        epilog="Dotted overrides such as --data.device=cpu or --eval.full_res=true apply after the config.",
-    )
-    p.add_argument("config", nargs="?", help="YAML config (default: the config stored in the checkpoint)")
-    p.add_argument("--checkpoint", help="train.py checkpoint or models.convert output")
-    p.add_argument(
-        "--views", help="CROPSxCLIPS, e.g. 1x1, 3x2, 3x10 (eval.spatial_crops x eval.temporal_clips)"
-    )
-    p.add_argument(
-        "--fuse", nargs="+", metavar="MODE|DUMP",
-        help="logits|softmax: how views are averaged (eval.fuse); or score dumps A.npz B.npz ... to fuse",
-    )  # fmt: skip
-    p.add_argument("--fuse-mode", choices=FUSE_MODES, help="with dumps: view fusion inside each (logits)")
-    p.add_argument(
-        "--out", help="score dump .npz; reports are written next to it (default: by the checkpoint)"
-    )
-    p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), help="autocast dtype (default: train.amp)")
-    p.add_argument(
-        "--weights", default="model", choices=("model", "ema"), help="which weights of the checkpoint"
-    )
-    p.add_argument(
-        "--allow-config-mismatch", action="store_true",
-        help="evaluate even when the checkpoint was trained as another model (model.name/depth/...)",
-    )  # fmt: skip
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace another evaluation's dump at the output path"
-    )
-    p.add_argument(
-        "--progress-every", type=float, default=10.0, metavar="S", help="seconds between progress lines"
-    )
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@
     python -m predict tsm_k400.pt ~/clips/ --views 3x10 --topk 5 --out preds.csv
     python -m predict converted.pt videos.txt --config configs/tsm_k400.yaml --classes classes.txt
 
-CHECKPOINT is a train.py checkpoint (or a run folder: its newest one), which brings its config; a
+CHECKPOINT is a train.py checkpoint (or a run folder: its ckpt_best.pt, else its newest checkpoint; the
+file loaded is printed and written in --out), which brings its config; a
 models.convert output has none, so --config names one. The videos (a file, a folder searched
 recursively, or a list file with one video per line) go through the test pipeline of the config
 (data.device gpu: NVDEC; cpu, or no GPU here: the PyAV route) with frame counts probed here, and
@@ -16,11 +17,61 @@ the exit status is 0 when any video was scored, 2 when none (or on a usage error
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
+
+from engine.config import exit_if_help
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m predict",
+        description="Top-k labels with probabilities for videos (a file, a folder or a list file).",
+        epilog="Dotted overrides such as --data.device=cpu or --eval.fuse=softmax apply after the config.",
+    )
+    p.add_argument(
+        "checkpoint",
+        help="train.py checkpoint, a run folder (its ckpt_best.pt, else its newest), or a models.convert "
+        "output",
+    )
+    p.add_argument(
+        "target", help="a video, a folder of videos (recursive), or a list file (one video a line)"
+    )
+    p.add_argument(
+        "--config", help="YAML config (required for a models.convert output; default: the stored one)"
+    )
+    p.add_argument("--views", help="CROPSxCLIPS, e.g. 1x1, 3x10 (default: the config's eval section)")
+    p.add_argument("--topk", type=int, default=5, help="labels shown and written per video (default: 5)")
+    p.add_argument("--out", help="predictions file, .csv (a row per video and rank) or .json")
+    p.add_argument(
+        "--classes", default="", help="class names, line i = class i (default: the data's classes.txt)"
+    )
+    p.add_argument(
+        "--root", help="folder a list file's relative paths start from (default: the list's folder)"
+    )
+    p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), help="autocast dtype (default: train.amp)")
+    p.add_argument(
+        "--timeline", metavar="PNG",
+        help="one long video over time: sliding windows, their top-k (printed; --out: a row per window) and "
+        "this picture of class probability over time",
+    )  # fmt: skip
+    p.add_argument("--render", metavar="OUT.mp4",
+                   help="--timeline: also the video with each frame's top-k labels drawn on it (ffmpeg)")
+    p.add_argument("--window", type=int, default=64, help="--timeline: frames per window")
+    p.add_argument("--stride", type=int, default=0, help="--timeline: frames between window starts (default: "
+                   "half a window)")  # fmt: skip
+    p.add_argument(
+        "--weights",
+        default="model",
+        choices=("model", "ema"),
+        help="which weights of the checkpoint (default: model)",
+    )
+    return p
+
+
+if __name__ == "__main__":
+    exit_if_help(build_parser)  # before torch and DALI load
 
 import torch
 from rich.console import Console
@@ -28,9 +79,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from dali_pipes.fingerprint import describe
-from engine.channels_last import model_channels_last
-from engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from engine.config import Config, ConfigError, apply_overrides, from_dict, load_config, parse_views, split_cli
+from engine import inference
+from engine.checkpoint import CheckpointError, load_checkpoint, run_checkpoint
+from engine.config import Config, ConfigError, parse_views, split_cli
 from engine.inference import (
     OUT_FORMATS,
     VideoResult,
@@ -46,31 +97,11 @@ log = logging.getLogger("predict")
 
 
 def resolve_config(args: argparse.Namespace, ckpt: dict, overrides: list[str]) -> Config:
-    """--config when given, else the checkpoint's stored training config; overrides apply to either."""
+    """--config when given, else the checkpoint's stored training config; --views and overrides apply."""
     if args.views:
         crops, clips = parse_views(args.views)
         overrides = [*overrides, f"--eval.spatial_crops={crops}", f"--eval.temporal_clips={clips}"]
-    if args.config:
-        return load_config(args.config, overrides)
-    if "config" not in ckpt:
-        raise ConfigError(
-            f"{args.checkpoint} stores no config (a models.convert output?): name the recipe with --config"
-        )
-    try:
-        return from_dict(apply_overrides(copy.deepcopy(ckpt["config"]), overrides))
-    except ConfigError as e:
-        raise ConfigError(f"{args.checkpoint} (stored config): {e}") from None
-
-
-def pick_device(cfg: Config, console: Console) -> tuple[Config, torch.device, int | None]:
-    """NVDEC and the GPU when the config asks for them and one is here; otherwise the PyAV CPU route,
-    which reads every codec (DALI's CPU decoder reads only VP8/VP9/MJPEG)."""
-    if cfg.data.device == "gpu" and torch.cuda.is_available():
-        device_id = torch.cuda.current_device()
-        return cfg, torch.device("cuda", device_id), device_id
-    if cfg.data.device == "gpu":
-        console.print("no CUDA device here: decoding with PyAV and scoring on the CPU (data.device=cpu)")
-    return replace(cfg, data=replace(cfg.data, device="cpu", cpu_decoder="pyav")), torch.device("cpu"), None
+    return inference.resolve_config(args.checkpoint, ckpt, args.config, overrides)
 
 
 def probe_all(paths: list[Path], console: Console) -> list[VideoResult]:
@@ -107,25 +138,33 @@ def predict(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError(f"--out: {args.out} must end in {' or '.join(OUT_FORMATS)}")
     if args.topk < 1:
         raise ConfigError(f"--topk: must be >= 1, got {args.topk}")
+    if args.render and not args.timeline:
+        raise ConfigError("--render goes with --timeline PNG (the labels come from its windows)")
+    if args.timeline:  # one video, windows over time (engine.inference.timeline_command)
+        if not Path(args.target).is_file():
+            raise ConfigError(f"--timeline: {args.target} must be one video file")
+        p = inference.Predictor(args.checkpoint, args.config, overrides, None, args.topk, args.classes,
+                                args.weights, args.amp, say=lambda text: console.print(text, markup=False))
+        stride = args.stride or max(1, args.window // 2)
+        inference.timeline_command(p, args.target, args.window, stride, args.timeline, args.out,
+                                   lambda text: console.print(text, markup=False), args.render)  # fmt: skip
+        return 0
     paths = collect_videos(args.target, args.root)  # before the model: a wrong path fails fast
-    ckpt = load_checkpoint(args.checkpoint)
+    path, why = run_checkpoint(args.checkpoint)
+    args.checkpoint = str(path)
+    console.print(f"checkpoint {path} ({why})", markup=False)
+    ckpt = load_checkpoint(path)
     cfg = resolve_config(args, ckpt, overrides)
-    cfg, device, device_id = pick_device(cfg, console)
+    cfg, device, device_id = inference.pick_device(cfg, console.print)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     views = cfg.eval.resolved(cfg.data.sampling)
     names = read_class_names(cfg.model.num_classes, args.classes, cfg)
     amp = args.amp or cfg.train.amp
 
-    from models import build_model
-
-    model = build_model(replace(cfg.model, pretrained=""))  # the checkpoint brings all weights
-    load_model_weights(model, ckpt, args.checkpoint, args.weights)
+    model = inference.inference_model(cfg, ckpt, args.checkpoint, args.weights, device)
     trained_on = ckpt.get("dataset", {})  # train.py's dataset fingerprints (none in a converted checkpoint)
     del ckpt
-    model.to(device)
-    if cfg.train.channels_last:
-        model = model_channels_last(model)
 
     results = probe_all(paths, console)
     todo = [r for r in results if not r.error]
@@ -177,46 +216,13 @@ def predict(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0 if scored else 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m predict",
-        description="Top-k labels with probabilities for videos (a file, a folder or a list file).",
-        epilog="Dotted overrides such as --data.device=cpu or --eval.fuse=softmax apply after the config.",
-    )
-    p.add_argument(
-        "checkpoint", help="train.py checkpoint, a run folder (its newest), or a models.convert output"
-    )
-    p.add_argument(
-        "target", help="a video, a folder of videos (recursive), or a list file (one video a line)"
-    )
-    p.add_argument(
-        "--config", help="YAML config (required for a models.convert output; default: the stored one)"
-    )
-    p.add_argument("--views", help="CROPSxCLIPS, e.g. 1x1, 3x10 (default: the config's eval section)")
-    p.add_argument("--topk", type=int, default=5, help="labels shown and written per video (default: 5)")
-    p.add_argument("--out", help="predictions file, .csv (a row per video and rank) or .json")
-    p.add_argument(
-        "--classes", default="", help="class names, line i = class i (default: the data's classes.txt)"
-    )
-    p.add_argument(
-        "--root", help="folder a list file's relative paths start from (default: the list's folder)"
-    )
-    p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), help="autocast dtype (default: train.amp)")
-    p.add_argument(
-        "--weights",
-        default="model",
-        choices=("model", "ema"),
-        help="which weights of the checkpoint (default: model)",
-    )
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     overrides, rest = split_cli(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(rest)
     try:
         return predict(args, overrides)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:  # ValueError: --timeline's
+        # one video unreadable (prep.probe, the test loader)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

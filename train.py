@@ -23,6 +23,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config import DefaultsHelpFormatter, exit_if_help
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, defined before torch and DALI load so that `--help` needs neither."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter,
+        epilog="Config keys are overridden with --section.key=value; --print-config shows every value with "
+        "the defaults filled in (README.md: the config reference).",
+    )  # fmt: skip
+    parser.add_argument("config", help="YAML config (configs/*.yaml)")
+    parser.add_argument("--resume", default="", help="auto (newest checkpoint in train.out_dir) or a path")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+if __name__ == "__main__":
+    exit_if_help(build_parser)
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -35,11 +54,13 @@ from dali_pipes.fingerprint import describe, run_fingerprints
 from dali_pipes.source import ClipLoadError
 from engine.channels_last import model_channels_last
 from engine.checkpoint import (
+    BestTracker,
     CheckpointError,
     check_resumable,
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
+    mark_best,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
@@ -48,9 +69,10 @@ from engine.checkpoint import (
 from engine.config import (
     Config,
     ConfigError,
-    DefaultsHelpFormatter,
     dump_yaml,
+    join_problems,
     load_config,
+    print_config_text,
     split_cli,
     to_dict,
 )
@@ -63,12 +85,11 @@ from engine.preemption import StopRequest, exit_on_signals, restore_signals
 from engine.preflight import (
     PreflightError,
     check_free_space,
-    check_labels,
-    check_writable_dir,
     checkpoint_bytes,
-    class_count_warning,
     meta_model,
+    preflight_problems,
     remove_stale_checkpoint_temps,
+    with_preflight_findings,
 )
 from engine.progress import log_console
 from engine.runlock import RunLock
@@ -116,6 +137,7 @@ class Run:
     batches_per_rank: list[list[int]] = field(default_factory=list)
     skipped_samples: int = 0  # unreadable samples replaced (data.skip_bad), summed over ranks
     stop: StopRequest = field(default_factory=StopRequest)
+    best: BestTracker = field(default_factory=BestTracker)
     dataset: dict = field(default_factory=dict)  # fingerprints of the train/val lists (rank 0)
 
 
@@ -125,7 +147,8 @@ def train(cfg: Config, resume: str = "") -> dict:
     out_dir = Path(cfg.train.out_dir)
     console = log_console(stderr=True, quiet=not info.is_main)  # log files: no 80-column cut
     ckpt_path = resolve_resume(resume, out_dir)
-    with preflight(cfg, info, console):  # rank 0 holds out_dir's lock (engine.runlock) until the end
+    # rank 0 holds out_dir's lock (engine.runlock) until the end
+    with preflight(cfg, info, console, resuming=ckpt_path is not None):
         return run_training(cfg, info, out_dir, console, ckpt_path)
 
 
@@ -159,6 +182,7 @@ def run_training(
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp == "fp16")
     ema = ModelEMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
     run = Run(cfg, info, out_dir, console, model, optimizer, scheduler, scaler, ema, train_loader, val_loader)
+    run.best = BestTracker(cfg.train.best_metric, cfg.train.best_mode)
 
     start_epoch, start_batch, data_state = restore(run, ckpt_path) if ckpt_path else (0, 0, None)
     run.stepper = TrainStep(
@@ -255,13 +279,17 @@ def end_epoch(run: Run, epoch: int) -> bool:
     cfg = run.cfg.train
     run.stepper.guard.check(epoch, run.last_ckpt)
     last_epoch = epoch + 1 == cfg.epochs
+    improved = False  # the same verdict on every rank (the val metrics are gathered to all)
     if run.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
         run.val_results = validate(run, epoch)
+        improved = run.best.update(run.val_results["val"], epoch + 1)
     stop_now = bool(cfg.stop_at_step) and run.step >= cfg.stop_at_step
-    if last_epoch or stop_now or (epoch + 1) % cfg.ckpt_every == 0:
+    if last_epoch or stop_now or improved or (epoch + 1) % cfg.ckpt_every == 0:
         path = save(run, epoch + 1, 0)
         if path is not None:
             run.console.print(f"checkpoint {path}")
+            if improved:
+                record_best(run, path)
     if stop_now and not last_epoch:
         run.console.print(f"stopped at step {run.step} as asked (train.stop_at_step)")
         return True
@@ -286,48 +314,43 @@ def setup_process(cfg: Config) -> DistInfo:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.data.device == "gpu" and info.device.type != "cuda":
-        raise ConfigError("data.device: 'gpu' but this machine has no CUDA device; pass --data.device=cpu")
     return info
 
 
-def preflight(cfg: Config, info: DistInfo, console: Console) -> AbstractContextManager:
-    """Before any heavy work, on rank 0: list labels within model.num_classes (a warning when the training
-    list's class count differs from it), train.out_dir writable and locked (one trainer per run
-    directory), temp files of interrupted checkpoint writes removed, room for one checkpoint. Every rank
-    stops on rank 0's finding (no rank is left waiting in a collective for a peer that quit). Returns
-    the held lock (rank 0) to release when the run ends."""
-    from dali_pipes.listfile import read_list
-
-    error = note = ""
+def preflight(cfg: Config, info: DistInfo, console: Console, resuming: bool) -> AbstractContextManager:
+    """Before any heavy work, on rank 0, every finding at once (engine.preflight.preflight_problems: CUDA
+    for data.device gpu, model.pretrained, lists and labels, train.out_dir writable; a warning when the
+    training list's class count differs from model.num_classes); then, with none, train.out_dir locked
+    (one trainer per run directory), temp files of interrupted checkpoint writes removed, room for one
+    checkpoint. Every rank stops on rank 0's findings (no rank is left waiting in a collective for a
+    peer that quit). Returns the held lock (rank 0) to release when the run ends."""
+    error = ""
     lock: AbstractContextManager = nullcontext()
     if info.is_main:
-        try:
-            lists = [cfg.data.train_list] + ([cfg.data.val_list] if cfg.train.eval_every > 0 else [])
-            for path in lists:
-                if path:
-                    entries = read_list(path, cfg.data.root)
-                    check_labels(entries, cfg.model.num_classes)
-                    if path == cfg.data.train_list:  # the list the fc learns from: does its class count fit?
-                        note = class_count_warning(entries, cfg.model.num_classes, path, cfg.data.root)
-            out_dir = check_writable_dir(cfg.train.out_dir)
-            lock = RunLock(out_dir, console.print)
-            lock.acquire()
-            for stale in remove_stale_checkpoint_temps(out_dir):
-                console.print(f"removed {stale.name} (temp file of an interrupted checkpoint write)")
-            from models import build_model
+        lists = ["train_list"] + (["val_list"] if cfg.train.eval_every > 0 else [])
+        problems, warnings = preflight_problems(cfg, torch.cuda.is_available(), resuming, lists)
+        if not problems:
+            try:
+                out_dir = Path(cfg.train.out_dir)
+                lock = RunLock(out_dir, console.print)
+                lock.acquire()
+                for stale in remove_stale_checkpoint_temps(out_dir):
+                    console.print(f"removed {stale.name} (temp file of an interrupted checkpoint write)")
+                from models import build_model
 
-            net = meta_model(lambda: build_model(dataclasses.replace(cfg.model, pretrained="")))
-            need = checkpoint_bytes(net, cfg.optim.name, cfg.optim.momentum, cfg.train.ema > 0)
-            check_free_space(out_dir, need)
-        except ValueError as e:  # PreflightError, ListFileError
-            error = str(e)
+                net = meta_model(lambda: build_model(dataclasses.replace(cfg.model, pretrained="")))
+                need = checkpoint_bytes(net, cfg.optim.name, cfg.optim.momentum, cfg.train.ema > 0)
+                check_free_space(out_dir, need)
+            except ValueError as e:  # PreflightError
+                problems.append(str(e))
+        error = join_problems(problems, "preflight") if problems else ""
+        if not problems:  # warnings only for a run that starts
+            for warning in warnings:
+                console.print(f"warning: {warning}", style="yellow", markup=False)
     errors = [e for e in all_gather_objects(error) if e]
     if errors:
         lock.__exit__(None, None, None)  # (released: no run follows)
         raise PreflightError(errors[0])
-    if note:
-        console.print(f"warning: {note}", style="yellow", markup=False)
     return lock
 
 
@@ -364,6 +387,7 @@ def restore(run: Run, path: Path) -> tuple[int, int, dict]:
     rngs = state["rng"]
     set_rng_state(rngs[run.info.rank] if len(rngs) == run.info.world_size else rngs[0])
     run.step, run.last_ckpt = state["step"], path
+    run.best.load_state_dict(state.get("best"))
     run.console.print(f"resumed from {path} (epoch {state['epoch']}, step {run.step})")
     changed = config_changes(state["config"], to_dict(run.cfg))
     if changed:
@@ -473,11 +497,23 @@ def save(run: Run, next_epoch: int, batch_in_epoch: int) -> Path | None:
         "rng": rngs,
         "config": to_dict(run.cfg),
         "ema": run.ema.state_dict() if run.ema is not None else None,
+        "best": run.best.state_dict(),
         "dataset": run.dataset,
     }
     run.last_ckpt = save_checkpoint(run.out_dir / checkpoint_name(next_epoch, run.step), state)
     prune_checkpoints(run.out_dir, run.cfg.train.keep_ckpts)
     return run.last_ckpt
+
+
+def record_best(run: Run, path: Path) -> None:
+    """Rank 0: RUN/ckpt_best.pt becomes `path` (atomically), a "best" record in metrics.jsonl."""
+    best = mark_best(path)
+    b = run.best
+    run.console.print(f"best {b.metric} so far ({b.value:.2f} at epoch {b.epoch}): {best} = {path.name}")
+    if run.metrics is not None:
+        run.metrics.write(
+            "best", run.step, epoch=b.epoch, metric=b.metric, mode=b.mode, value=b.value, checkpoint=path.name
+        )
 
 
 def validate(run: Run, epoch: int) -> dict:
@@ -523,26 +559,20 @@ def finish(run: Run, epochs_done: int, stopped: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = split_cli(argv)
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter,
-        epilog="Config keys are overridden with --section.key=value; --print-config shows every value with "
-        "the defaults filled in (README.md: the config reference).",
-    )  # fmt: skip
-    parser.add_argument("config", help="YAML config (configs/*.yaml)")
-    parser.add_argument("--resume", default="", help="auto (newest checkpoint in train.out_dir) or a path")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(rest)
+    args = build_parser().parse_args(rest)
     # SIGTERM / SIGINT during setup exit with one line (the loaders' workers are shut down); during the
     # epochs train()'s StopRequest takes over: a checkpoint at the next step on every rank, then rc 0
     # (SIGTERM: a scheduler's preemption) or 130 (SIGINT: Ctrl-C, so a `train && evaluate` chain stops)
     previous = exit_on_signals()
     try:
-        cfg = load_config(args.config, overrides)
-        if args.print_config:
-            print(dump_yaml(cfg), end="")
+        if args.print_config:  # the resolved tree, each non-default value with the file that set it
+            print(print_config_text(args.config, overrides), end="")
             return 0
-        summary = train(cfg, args.resume)
+        summary = train(load_config(args.config, overrides), args.resume)
         return 128 + signal.SIGINT if summary["stopped_by"] == "SIGINT" else 0
+    except ConfigError as e:  # with the preflight's findings in the rest of the config: one block
+        print(f"error: {with_preflight_findings(e, torch.cuda.is_available())}", file=sys.stderr)
+        return 2
     except USER_ERRORS as e:
         # rank 0's preflight finding stops every rank: one of them says it
         if not (isinstance(e, PreflightError) and os.environ.get("RANK", "0") != "0"):

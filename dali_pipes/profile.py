@@ -37,6 +37,38 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
+from engine.config import ConfigError, DataConfig, DefaultsHelpFormatter, exit_if_help, load_config, split_cli
+
+BASELINES = ("pyav-seek", "pyav-seq", "decord", "torchcodec")
+FRAME_BASELINES = ("pil", "simplejpeg")  # data.source: frames
+ALIASES = {"pyav": "pyav-seek"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, defined before torch and DALI load so that `--help` needs neither."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dali_pipes.profile", description=__doc__.splitlines()[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
+    parser.add_argument("config")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per route")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first (build, worker start)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per route (median reported)")
+    parser.add_argument("--baseline", action="append", choices=[*BASELINES, *ALIASES, *FRAME_BASELINES],
+                        default=[], help="standalone DataLoader(s) to compare with (repeatable)")  # fmt: skip
+    parser.add_argument("--decoders", default="", help="cpu routes: pyav,dali (default: data.cpu_decoder)")
+    parser.add_argument("--plot", metavar="PATH", help="also save the table as a bar chart (PNG)")
+    parser.add_argument("--cores", default="", help="pin everything to these cores: 0,1 or 0-3 (default all)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="thread budget N for every route (default data.num_workers): DALI threads, "
+                             "py workers, DataLoader workers and torch threads all = N")  # fmt: skip
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    return parser
+
+
+if __name__ == "__main__":
+    exit_if_help(build_parser)
+
 import av
 import numpy as np
 import torch
@@ -44,7 +76,6 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from engine.config import ConfigError, DataConfig, DefaultsHelpFormatter, load_config, split_cli
 from engine.fileio import atomic_write_text
 
 from .listfile import ListFileError, read_list
@@ -53,11 +84,6 @@ from .sampling import clip_indices
 from .source import ClipSource, SpatialOptions, epoch_order
 from .trim import decoded_frames as dali_decoded_frames
 from .video_io import VideoIndex, decode_frames, index_video
-
-BASELINES = ("pyav-seek", "pyav-seq", "decord", "torchcodec")
-FRAME_BASELINES = ("pil", "simplejpeg")  # data.source: frames
-ALIASES = {"pyav": "pyav-seek"}
-
 
 # ---- process tree: CPU time and affinity -------------------------------------------------------
 
@@ -525,7 +551,7 @@ def parse_cores(text: str) -> set[int]:
 
 
 def save_plot(results: list[Result], title: str, path: str) -> None:
-    """The result table as a bar chart: clips/s per route, labelled with CPU-ms per clip."""
+    """The result table as a bar chart: CPU-ms per clip per route, cheapest on top, labelled with clips/s."""
     from engine.fileio import atomic_write
     from engine.plot import plot_throughput
 
@@ -540,24 +566,7 @@ def save_plot(results: list[Result], title: str, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = split_cli(argv)
-    parser = argparse.ArgumentParser(
-        prog="python -m dali_pipes.profile", description=__doc__.splitlines()[0],
-        formatter_class=DefaultsHelpFormatter,
-    )
-    parser.add_argument("config")
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per route")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first (build, worker start)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per route (median reported)")
-    parser.add_argument("--baseline", action="append", choices=[*BASELINES, *ALIASES, *FRAME_BASELINES],
-                        default=[],
-                        help="standalone DataLoader(s) to compare with (repeatable)")  # fmt: skip
-    parser.add_argument("--decoders", default="", help="cpu routes: pyav,dali (default: data.cpu_decoder)")
-    parser.add_argument("--plot", metavar="PATH", help="also save the table as a bar chart (PNG)")
-    parser.add_argument("--cores", default="", help="pin everything to these cores: 0,1 or 0-3 (default all)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="thread budget N for every route (default data.num_workers): DALI threads, "
-                             "py workers, DataLoader workers and torch threads all = N")  # fmt: skip
-    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    parser = build_parser()
     args = parser.parse_args(rest)
     try:
         cfg = load_config(args.config, overrides)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
 import re
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from engine.safe_load import SafeLoadError, safe_load
 log = logging.getLogger(__name__)
 
 CKPT_PATTERN = re.compile(r"^ckpt_e(\d+)_s(\d+)\.pt$")
+BEST_NAME = "ckpt_best.pt"  # the best validated checkpoint (train.best_metric); outside CKPT_PATTERN
 
 
 class CheckpointError(RuntimeError):
@@ -89,12 +93,7 @@ def state_bytes(obj: Any) -> int:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint dict; every failure is a CheckpointError naming the file and the reason."""
-    path = Path(path)
-    if path.is_dir():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise CheckpointError(f"{path}: is a directory with no ckpt_e*_s*.pt checkpoint in it")
-        path = latest
+    path = run_checkpoint(path)[0] if Path(path).is_dir() else Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -135,7 +134,10 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything); returns the deleted."""
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything); returns the deleted.
+
+    The newest is always kept (keep >= 1), and ckpt_best.pt is never a candidate: it is its own file
+    (a hard link or copy of the checkpoint it was), so pruning that epoch's file leaves the best whole."""
     ckpts = list_checkpoints(out_dir)
     if keep <= 0 or len(ckpts) <= keep:
         return []
@@ -143,6 +145,77 @@ def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
+
+
+def best_checkpoint(out_dir: str | Path) -> Path | None:
+    """RUN/ckpt_best.pt when training recorded one, else None."""
+    path = Path(out_dir) / BEST_NAME
+    return path if path.is_file() else None
+
+
+def run_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """What evaluate.py and predict load for `path`: a file is itself; a run folder gives its
+    ckpt_best.pt when there is one, else its newest checkpoint. Returns (file, why it was chosen)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path, "as given"
+    best = best_checkpoint(path)
+    if best is not None:
+        return best, "the run's best (train.best_metric)"
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path}: is a directory with no {BEST_NAME} or ckpt_e*_s*.pt checkpoint in it")
+    return latest, "the run's newest (no ckpt_best.pt)"
+
+
+def mark_best(src: str | Path) -> Path:
+    """Make src's folder's ckpt_best.pt the checkpoint `src`, atomically: a hard link (no second copy on
+    disk) under a temp name, then os.replace; a byte copy where the filesystem has no hard links."""
+    src = Path(src)
+    dst = src.parent / BEST_NAME
+    fd, tmp = tempfile.mkstemp(prefix=f".{BEST_NAME}.", suffix=".tmp", dir=src.parent)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            atomic_write(dst, lambda f: f.write(src.read_bytes()))
+            return dst
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
+
+
+@dataclass
+class BestTracker:
+    """The best validation value so far of `metric` (a key of the val metrics: top1, top5, mean_class),
+    higher is better for mode max; saved in every checkpoint so a resumed run keeps comparing."""
+
+    metric: str = "top1"
+    mode: str = "max"
+    value: float | None = None
+    epoch: int = 0
+
+    def update(self, metrics: dict, epoch: int) -> bool:
+        """True when `metrics` beats the best so far (which then becomes it)."""
+        if self.metric not in metrics:
+            return False
+        value = float(metrics[self.metric])
+        better = self.value is None or (value > self.value if self.mode == "max" else value < self.value)
+        if better:
+            self.value, self.epoch = value, epoch
+        return better
+
+    def state_dict(self) -> dict:
+        return {"metric": self.metric, "mode": self.mode, "value": self.value, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Take a checkpoint's record unless it ranked by another metric or mode (then start afresh)."""
+        if state and state.get("metric") == self.metric and state.get("mode") == self.mode:
+            self.value, self.epoch = state.get("value"), int(state.get("epoch", 0))
 
 
 # --------------------------------------------------------------------------------------------------

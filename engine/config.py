@@ -25,7 +25,14 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config problem, phrased for the user: names the file and/or the dotted key."""
+    """A config problem, phrased for the user: names the file and/or the dotted key. `partial`: the config
+    with the bad keys left at their defaults (for checks that can still run, e.g. the preflight's)."""
+
+    partial: Config | None = None
+
+    def with_partial(self, cfg: Config) -> ConfigError:
+        self.partial = cfg
+        return self
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -147,7 +154,9 @@ class TrainConfig:
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
     seed: int = 0
     stop_at_step: int = 0  # end this job after this optimizer step with a checkpoint (0: run all epochs)
-    keep_ckpts: int = 0  # keep only the newest N checkpoints in out_dir (0: keep all)
+    keep_ckpts: int = 3  # keep only the newest N ckpt_e*_s*.pt in out_dir (0: keep all; ckpt_best.pt apart)
+    best_metric: str = "top1"  # val metric that picks out_dir/ckpt_best.pt: top1 | top5 | mean_class
+    best_mode: str = "max"  # max: higher is better | min
     progress: bool = True  # rich progress bar on rank 0 (log lines are printed either way when not a tty)
     threads: int = 0  # torch CPU threads per process (0: torch's default; 1 suits small CPU boxes)
     dist_timeout_s: int = 900  # a collective waiting this long for a hung or dead rank fails (0: torch's)
@@ -252,8 +261,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported annotation {tp}")
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys by name."""
+def _build(cls: type, raw: Any, where: str, problems: list[tuple[str, str]] | None = None) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys by name. With `problems`, a bad key
+    is recorded there as (dotted key, message) and left at its default, so every problem is found."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -263,9 +273,18 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{where}.{key}" if where else str(key)
-        if key not in hints:
-            raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), names)}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
+        try:
+            if key not in hints:
+                raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), names)}")
+            tp = hints[key]
+            if dataclasses.is_dataclass(tp) and problems is not None:
+                kwargs[key] = _build(tp, value, dotted, problems)
+            else:
+                kwargs[key] = _coerce(value, tp, dotted)
+        except ConfigError as e:
+            if problems is None:
+                raise
+            problems.append((dotted, str(e)))
     return cls(**kwargs)
 
 
@@ -319,64 +338,140 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def build_config(raw: dict, overrides: list[str] | None = None, source: str | None = None) -> Config:
+def build_config(
+    raw: dict, overrides: list[str] | None = None, source: str | None = None, origins: dict | None = None
+) -> Config:
     """Validate `raw` (read from `source`), then each override; every error names where its value came from.
 
-    A bad key or value in the file names the file; one given on the command line names that override
-    (`command line: --optim.lrr=1: unknown key 'optim.lrr' ...`), never the file it was not in.
+    A bad key or value in the file names the file (with `base:` inheritance, the file that set it; `origins`
+    maps dotted keys to files); one given on the command line names that override (`command line:
+    --optim.lrr=1: unknown key 'optim.lrr' ...`), never the file it was not in. All problems are collected
+    and raised together as one ConfigError (one line each), whose `partial` is the config without them.
     """
-    prefix = f"{source}: " if source else ""
-    try:
-        _build(Config, raw, "")
-    except ConfigError as e:
-        raise ConfigError(f"{prefix}{e}") from None
+    origins = origins if origins is not None else {}
+    errors: list[str] = []
+    file_problems: list[tuple[str, str]] = []
+    _build(Config, raw, "", file_problems)
+    errors += [f"{_origin(origins, key, source)}{msg}" for key, msg in file_problems]
+    raw = _without(raw, [key for key, _ in file_problems])
     base = copy.deepcopy(raw)
+    applied = []
     for item in overrides or []:
-        apply_overrides(raw, [item])
+        trial = copy.deepcopy(raw)
         try:
-            _build(Config, raw, "")
+            apply_overrides(trial, [item])
         except ConfigError as e:
-            raise ConfigError(f"command line: {item}: {e}") from None
+            errors.append(str(e))
+            continue
+        problems: list[tuple[str, str]] = []
+        _build(Config, trial, "", problems)
+        if problems:
+            errors += [f"command line: {item}: {msg}" for _, msg in problems]
+            continue
+        raw = trial
+        applied.append(item)
+        origins[_override_key(item)] = "command line"
     cfg = _build(Config, raw, "")
-    try:
-        check_config(cfg)
-    except ConfigError as e:
-        raise ConfigError(_blame_check(e, base, overrides or [], prefix)) from None
+    file_alone = config_problems(_build(Config, base, ""))
+    for msg in config_problems(cfg):
+        if msg in file_alone or not applied:
+            errors.append(f"{_origin(origins, msg.split(' ')[0].rstrip(':'), source)}{msg}")
+        else:
+            named = [o for o in applied if _override_key(o) in msg]
+            errors.append(f"command line: {' '.join(named or applied)}: {msg}")
+    if errors:
+        raise ConfigError(join_problems(errors, "config")).with_partial(cfg)
     return cfg
 
 
-def _blame_check(error: ConfigError, base: dict, overrides: list[str], prefix: str) -> str:
-    """A value check that fails: the file's fault if the file alone fails it too, else the overrides'."""
-    try:
-        check_config(_build(Config, base, ""))
-        alone = ""
-    except ConfigError as e:
-        alone = str(e)
-    if not overrides or alone == str(error):
-        return f"{prefix}{error}"
-    keys = [o[2:] if o.startswith("--") else o for o in overrides]
-    named = [o for o, k in zip(overrides, keys, strict=True) if k.split("=", 1)[0] in str(error)]
-    return f"command line: {' '.join(named or overrides)}: {error}"
+def join_problems(problems: list[str], what: str) -> str:
+    """One problem: its line; several: a count and one indented line each (reported together, rc 2)."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} {what} problems:\n" + "\n".join(f"  {p}" for p in problems)
+
+
+def _origin(origins: dict, dotted: str, source: str | None) -> str:
+    """'FILE: ' for the file that set `dotted` (or its section), else the top file; '' when none."""
+    where = origins.get(dotted) or origins.get(dotted.split(".")[0]) or source
+    return f"{where}: " if where else ""
+
+
+def _override_key(item: str) -> str:
+    text = item[2:] if item.startswith("--") else item
+    return text.split("=", 1)[0]
+
+
+def _without(raw: dict, dotted_keys: list[str]) -> dict:
+    """A copy of `raw` with the dotted keys (section or section.key) removed."""
+    raw = copy.deepcopy(raw)
+    for dotted in dotted_keys:
+        section, _, key = dotted.partition(".")
+        if not key:
+            raw.pop(section, None)
+        elif isinstance(raw.get(section), dict):
+            raw[section].pop(key, None)
+    return raw
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Load a YAML file (or defaults when `path` is None), apply overrides, validate everything."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            hint = ""
-            if p.parent.is_dir():
-                hint = _did_you_mean(p.name, [q.name for q in p.parent.iterdir()])
-            raise ConfigError(f"config file not found: {p}{hint}")
-        try:
-            raw = yaml_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    return build_config(raw, list(overrides or []), None if path is None else str(path))
+    return load_config_origins(path, overrides)[0]
 
+
+def load_config_origins(path: str | Path | None, overrides: list[str] | None = None) -> tuple[Config, dict]:
+    """`load_config`, and where each value came from: {dotted key: file or "command line"}."""
+    raw: dict = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        raw, origins = read_config_file(Path(path))
+    cfg = build_config(raw, list(overrides or []), None if path is None else str(path), origins)
+    return cfg, origins
+
+
+def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
+    """The raw mapping of a config file with its `base:` chain merged in (a section's keys override the
+    base's one by one; `base` is relative to the file naming it), and {dotted key: the file that set it}."""
+    if not path.is_file():
+        names = [q.name for q in path.parent.iterdir()] if path.parent.is_dir() else []
+        hint = _did_you_mean(path.name, names)
+        if chain:
+            raise ConfigError(f"{chain[-1]}: base: {path} not found{hint}")
+        raise ConfigError(f"config file not found: {path}{hint}")
+    try:
+        raw = yaml_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    origins = {str(s): str(path) for s in raw}
+    origins.update({f"{s}.{k}": str(path) for s, sec in raw.items() if isinstance(sec, dict) for k in sec})
+    if base is None:
+        return raw, origins
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected the file name of another config, got {base!r}")
+    base_path = path.parent / base
+    seen = [p.resolve() for p in (*chain, path)]
+    if base_path.resolve() in seen:
+        loop = [*chain, path][seen.index(base_path.resolve()) :] + [base_path]
+        raise ConfigError(f"{path}: base: a cycle: {' -> '.join(str(p) for p in loop)}")
+    base_raw, base_origins = read_config_file(base_path, (*chain, path))
+    return merge_sections(base_raw, raw), {**base_origins, **origins}
+
+
+def merge_sections(base: dict, child: dict) -> dict:
+    """`child` over `base` section by section: a key the child sets replaces the base's (lists whole)."""
+    merged = copy.deepcopy(base)
+    for section, keys in child.items():
+        if isinstance(keys, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **keys}
+        elif keys is not None or section not in merged:
+            merged[section] = copy.deepcopy(keys)
+    return merged
+
+
+FUSE_MODES = ("logits", "softmax")  # how a video's views are averaged (engine.scoring.fuse_views)
 
 _CHOICES = {
     "data.source": ("video", "frames"),
@@ -396,30 +491,40 @@ _CHOICES = {
     "optim.param_groups": ("tsn", "flat"),
     "train.amp": ("bf16", "fp16", "fp32"),
     "train.nonfinite": ("stop", "skip"),
+    "train.best_metric": ("top1", "top5", "mean_class"),
+    "train.best_mode": ("max", "min"),
     "eval.spatial_crops": (1, 3),
     "eval.temporal_mode": ("auto", "centres", "twice", "uniform", "uniform_random", "dense", "clip3d"),
-    "eval.fuse": ("logits", "softmax"),
+    "eval.fuse": FUSE_MODES,
 }
 
 
 def check_config(cfg: Config) -> None:
-    """Value checks that types cannot express; each error names its key."""
+    """Value checks that types cannot express; raises them all together, each naming its key."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError(join_problems(problems, "config"))
+
+
+def config_problems(cfg: Config) -> list[str]:
+    """Every failed value check, one message each, starting with the key it is about."""
+    problems = []
     for dotted, allowed in _CHOICES.items():
         value = get_dotted(cfg, dotted)
         if value not in allowed:
-            raise ConfigError(
+            problems.append(
                 f"{dotted}: {value!r} is not one of {', '.join(map(str, allowed))}"
                 + _did_you_mean(str(value), [str(a) for a in allowed])
             )
     if cfg.data.flip == "pairs" and not cfg.data.flip_pairs:
-        raise ConfigError("data.flip_pairs: required when data.flip is 'pairs'")
+        problems.append("data.flip_pairs: required when data.flip is 'pairs'")
     if not cfg.data.crop_scales or not all(0 < s <= 1 for s in cfg.data.crop_scales):
         scales = cfg.data.crop_scales
-        raise ConfigError(f"data.crop_scales: need fractions of the short side in (0, 1], got {scales}")
+        problems.append(f"data.crop_scales: need fractions of the short side in (0, 1], got {scales}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
-        raise ConfigError("data.mean / data.std: need 3 values (RGB)")
+        problems.append("data.mean / data.std: need 3 values (RGB)")
     if cfg.model.num_segments != cfg.data.num_segments and cfg.data.sampling != "clip3d":
-        raise ConfigError(
+        problems.append(
             f"model.num_segments ({cfg.model.num_segments}) differs from data.num_segments "
             f"({cfg.data.num_segments})"
         )
@@ -428,8 +533,8 @@ def check_config(cfg: Config) -> None:
     for dotted in ("data.num_segments", "data.batch_size", "train.epochs", "train.accum_steps",
                    "eval.batch_size"):  # fmt: skip
         if get_dotted(cfg, dotted) < 1:
-            raise ConfigError(f"{dotted}: must be >= 1, got {get_dotted(cfg, dotted)}")
-    check_numbers(cfg)
+            problems.append(f"{dotted}: must be >= 1, got {get_dotted(cfg, dotted)}")
+    return problems + number_problems(cfg)
 
 
 # Ranges of numeric fields: (low, high, low included, high included); a value outside, or NaN/inf in any
@@ -449,19 +554,24 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
 }
 
 
-def check_numbers(cfg: Config) -> None:
-    """Every float finite, and the fields of `_RANGES` inside their range; each error names its key."""
-    for dotted, value in _float_fields(cfg, ""):
-        if not math.isfinite(value):
-            raise ConfigError(f"{dotted}: must be a finite number, got {value}")
+def number_problems(cfg: Config) -> list[str]:
+    """Every float finite, and the fields of `_RANGES` inside their range; one message per key."""
+    problems = [
+        f"{dotted}: must be a finite number, got {value}"
+        for dotted, value in _float_fields(cfg, "")
+        if not math.isfinite(value)
+    ]
     for dotted, (low, high, low_in, high_in) in _RANGES.items():
         value = get_dotted(cfg, dotted)
+        if not math.isfinite(value):  # said above
+            continue
         if not ((low <= value if low_in else low < value) and (value <= high if high_in else value < high)):
             if math.isinf(high):
                 span = f"{'>=' if low_in else '>'} {low:g}"
             else:
                 span = f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-            raise ConfigError(f"{dotted}: must be {span}, got {value:g}")
+            problems.append(f"{dotted}: must be {span}, got {value:g}")
+    return problems
 
 
 def _float_fields(node: Any, prefix: str) -> list[tuple[str, float]]:
@@ -498,7 +608,32 @@ def from_dict(raw: dict) -> Config:
 
 
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    """Block-style YAML of a config (run folders' config.yaml, dumps)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def dump_yaml_origins(cfg: Config, origins: dict[str, str]) -> str:
+    """`--print-config`: the resolved tree in block style, each value that differs from the default
+    followed by a comment naming where it came from (a config file of the `base:` chain, or the command
+    line). Still loadable YAML."""
+    defaults = Config()
+    lines = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            dotted = f"{section.name}.{f.name}"
+            value = get_dotted(cfg, dotted)
+            text = yaml.safe_dump({f.name: value}, sort_keys=False, default_flow_style=False).splitlines()
+            if value != get_dotted(defaults, dotted):
+                where = origins.get(dotted) or origins.get(section.name) or "?"
+                text[0] += f"  # {where}"
+            lines += [f"  {line}" for line in text]
+    return "\n".join(lines) + "\n"
+
+
+def print_config_text(path: str | Path | None, overrides: list[str]) -> str:
+    """What `--print-config` prints for CONFIG and the overrides."""
+    return dump_yaml_origins(*load_config_origins(path, overrides))
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -509,6 +644,17 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False, "") or "default" in (action.help or "").lower():
             return action.help
         return super()._get_help_string(action)
+
+
+def exit_if_help(
+    build_parser: typing.Callable[[], argparse.ArgumentParser], argv: list[str] | None = None
+) -> None:
+    """With -h/--help among the arguments, print the command's help and exit 0. Entry points call it
+    before importing torch and DALI (1-2 s quiet, 20-30 s on a loaded machine), so help is instant."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        build_parser().print_help()
+        sys.exit(0)
 
 
 def parse_views(text: str) -> tuple[int, int]:
@@ -529,17 +675,28 @@ def split_cli(argv: list[str]) -> tuple[list[str], list[str]]:
     return overrides, rest
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.config", description="Print the resolved config (defaults filled in).",
+        epilog="Config keys are overridden with --section.key=value.",
+    )  # fmt: skip
+    parser.add_argument("config", nargs="?", help="YAML config (none: the defaults)")
+    parser.add_argument("--print-config", action="store_true", help="accepted, as train.py's (the default)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python config.py CONFIG [--a.b=v ...]`: print the resolved config."""
+    """`python -m engine.config CONFIG [--a.b=v ...]`: print the resolved config."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    exit_if_help(build_parser, argv)
     overrides, rest = split_cli(argv)
     rest = [a for a in rest if a != "--print-config"]
     try:
-        cfg = load_config(rest[0] if rest else None, overrides)
+        text = print_config_text(rest[0] if rest else None, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(dump_yaml(cfg), end="")
+    print(text, end="")
     return 0
 
 

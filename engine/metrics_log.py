@@ -1,10 +1,12 @@
 """What a run leaves behind besides checkpoints: its provenance (code, library and device versions) and
-metrics.jsonl (one JSON record per line; TensorBoard too when it is installed). Rank 0 only."""
+metrics.jsonl (one JSON record per line; TensorBoard too when it is installed: `pip install -e .[tb]`,
+and a run without it says so once). Rank 0 only."""
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import platform
 import shutil
@@ -20,6 +22,9 @@ import torch
 
 from engine.distributed import DistInfo
 from engine.fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
+TB_OFF = "TensorBoard is off (not installed): `pip install -e .[tb]` to log there too (metrics.jsonl has all)"
 
 
 def provenance(info: DistInfo) -> dict:
@@ -59,6 +64,17 @@ def provenance(info: DistInfo) -> dict:
     }
 
 
+_tb_off_said = False
+
+
+def _say_tb_off_once() -> None:
+    """One warning per process, not one per run folder (demo.py and tests start several runs)."""
+    global _tb_off_said
+    if not _tb_off_said:
+        _tb_off_said = True
+        log.warning(TB_OFF)
+
+
 class MetricsLogError(RuntimeError):
     """metrics.jsonl cannot be written (a full disk); the message names the file and what is kept."""
 
@@ -90,6 +106,7 @@ class MetricsLog:
             self.tb = SummaryWriter(str(out_dir / "tb"))
         except ImportError:
             self.tb = None
+            _say_tb_off_once()
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run redoes the steps after its checkpoint: drop their old records (atomically)."""

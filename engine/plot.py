@@ -1,5 +1,5 @@
 """Pictures of what runs leave behind: training curves from metrics.jsonl (several runs overlaid) and the
-profiler's throughput table as a bar chart.
+profiler's table as a bar chart (CPU-ms per clip, cheapest first).
 
     python -m engine.plot runs/tsm_k400 [runs/tam_k400 ...] [--out curves.png]
 
@@ -55,8 +55,27 @@ def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
     return [str(d) for d in run_dirs]
 
 
+def run_classes(records: list[dict]) -> int | None:
+    """model.num_classes from the run's start record (train.py stores the config there); None if absent."""
+    for r in records:
+        classes = ((r.get("config") or {}).get("model") or {}).get("num_classes")
+        if r.get("kind") == "start" and isinstance(classes, int):
+            return classes
+    return None
+
+
+def top_k_name(classes: list[int | None]) -> str:
+    """The name of the "top5" metric, whose k is min(5, classes) (compute_metrics): 'top-5', 'top-4' for
+    4-class runs, 'top-k (k = 4, 5)' for runs of both kinds in one panel."""
+    ks = sorted({min(5, c) for c in classes if c is not None})
+    if len(ks) == 1:
+        return f"top-{ks[0]}"
+    return f"top-k (k = {', '.join(map(str, ks))})" if ks else "top-5"
+
+
 def plot_curves(runs: dict[str, list[dict]], f: io.IOBase, title: str = "") -> None:
-    """Loss, lr, clips/s and data wait over steps; val (and EMA val, dashed) top-1/top-5 over epochs."""
+    """Loss, lr, clips/s and data wait over steps; val (and EMA val, dashed) top-1/top-k over epochs, the
+    k named as it is (min(5, classes)) and the accuracy axes never past 100 %."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -64,7 +83,15 @@ def plot_curves(runs: dict[str, list[dict]], f: io.IOBase, title: str = "") -> N
     axes = fig.subplots(3, 2, gridspec_kw={"left": 0.07, "right": 0.98, "bottom": 0.05, "top": 0.93,
                                            "hspace": 0.38, "wspace": 0.18})  # fmt: skip
     # fixed margins: a constrained layout would double the drawing time, at the end of every run
-    panels = list(zip(axes.flat, TRAIN_PANELS + tuple((k, t, y, 1.0) for k, t, y in VAL_PANELS), strict=True))
+    classes = [run_classes(records) for records in runs.values()]
+    k_name = top_k_name(classes)
+    few = bool(classes) and all(c is not None and c <= 5 for c in classes)
+    every = " (k = all classes: always 100 %)" if few else ""
+    val_panels = tuple(
+        (key, t.replace("top-5", k_name) + (every if key == "top5" else ""), y.replace("top-5", k_name), 1.0)
+        for key, t, y in VAL_PANELS
+    )
+    panels = list(zip(axes.flat, TRAIN_PANELS + val_panels, strict=True))
     colours = [f"C{i % 10}" for i in range(len(runs))]
     for (name, records), colour in zip(runs.items(), colours, strict=True):
         train = [r for r in records if r.get("kind") == "train"]
@@ -93,6 +120,8 @@ def plot_curves(runs: dict[str, list[dict]], f: io.IOBase, title: str = "") -> N
             if key in ("top1", "top5"):  # whole epochs from 1, even for a single validation
                 last = max(max(line.get_xdata()) for line in ax.lines)
                 ax.set_xlim(0.5, last + 0.5)
+                low, high = ax.get_ylim()
+                ax.set_ylim(max(low, -0.5), min(high, 100.5))  # a percentage: no axis past 100
         else:
             ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes, color="grey")
     if title:
@@ -127,27 +156,63 @@ def plot_throughput(
     f: io.IOBase,
     errors: Sequence[str] = (),
 ) -> None:
-    """Horizontal bars of clips/s per route, each labelled with its clips/s and CPU-ms per clip (on a
-    shared machine clips/s alone flatters the route with more threads); a failed route (clips/s 0) is
-    drawn as a gap labelled with its error."""
+    """Horizontal bars of CPU-ms per clip, the cheapest route on top, each labelled with its CPU-ms and
+    clips/s. Ordered by cost, not speed: on a shared machine clips/s flatters the route with more threads
+    (docs/BENCHMARKS.md), CPU time per clip does not. A failed route is listed last, labelled with its
+    error."""
     from matplotlib.figure import Figure
 
-    height = 1.2 + 0.55 * len(names)
+    errors = list(errors) or [""] * len(names)
+    rows = sorted(
+        zip(names, clips_per_s, cpu_ms_per_clip, errors, range(len(names)), strict=True),
+        key=lambda r: (not r[1], r[2] if r[1] else 0.0, r[4]),  # failed (no clips/s) last, in table order
+    )
+    height = 1.2 + 0.55 * len(rows)
     fig = Figure(figsize=(10, height), layout="constrained")
     ax = fig.add_subplot()
-    ys = list(range(len(names)))[::-1]  # the table's first row on top
-    ax.barh(ys, clips_per_s, color=[f"C{i % 10}" for i in range(len(names))], height=0.6)
-    ax.set_yticks(ys, names, fontsize=9)
-    top = max(clips_per_s, default=0) or 1.0
-    errors = list(errors) or [""] * len(names)
-    for y, rate, ms, error in zip(ys, clips_per_s, cpu_ms_per_clip, errors, strict=True):
+    ys = list(range(len(rows)))[::-1]  # the cheapest on top
+    costs = [ms if rate else 0.0 for _, rate, ms, _, _ in rows]
+    ax.barh(ys, costs, color=[f"C{r[4] % 10}" for r in rows], height=0.6)  # a route keeps its colour
+    ax.set_yticks(ys, [r[0] for r in rows], fontsize=9)
+    top = max(costs, default=0) or 1.0
+    for y, (_, rate, ms, error, _) in zip(ys, rows, strict=True):
         failed = error[:70] + ("..." if len(error) > 70 else "") if error else "failed"
-        text = f"{rate:.1f} clips/s, {ms:.0f} CPU-ms/clip" if rate else failed
-        ax.text(rate + top * 0.01, y, text, va="center", fontsize=9)
-    ax.set_xlim(0, top * 1.35)  # room for the labels
-    ax.set_xlabel("clips/s (higher is better)")
+        text = f"{ms:.0f} CPU-ms/clip, {rate:.1f} clips/s" if rate else failed
+        ax.text((ms if rate else 0.0) + top * 0.01, y, text, va="center", fontsize=9)
+    ax.set_xlim(0, top * 1.45)  # room for the labels
+    ax.set_xlabel("CPU-ms per clip, all processes of the route (lower is better)")
     ax.set_title(title, fontsize=9, wrap=True)
     ax.grid(axis="x", alpha=0.3)
+    fig.savefig(f, format="png", dpi=100)
+
+
+def plot_timeline(
+    spans: Sequence[tuple[int, int]], probs, names: Sequence[str], title: str, f: io.IOBase, top: int = 5
+) -> None:
+    """Class probability over a long video: one line per class among the `top` with the highest
+    probability in any window, each point a window at its centre frame; below, each window's extent
+    (first to last sampled frame), in four staggered rows so that overlapping windows stay apart."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    probs = np.asarray(probs)
+    centres = [(a + b) / 2 for a, b in spans]
+    classes = np.argsort(-probs.max(axis=0), kind="stable")[:top]
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    ax, bars = fig.subplots(2, 1, sharex=True, height_ratios=[5, 1])
+    for i, c in enumerate(classes):
+        ax.plot(centres, 100 * probs[:, c], marker="o", markersize=3, color=f"C{i}", label=names[c])
+    ax.set_ylim(-2, 102)
+    ax.set_ylabel("probability %")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    for i, (a, b) in enumerate(spans):
+        bars.broken_barh([(a, max(b - a, 1))], (i % 4, 0.7), color="grey")
+    bars.set_yticks([])
+    bars.set_ylabel("windows", fontsize=8)
+    bars.set_xlabel("frame")
+    bars.set_xlim(min(a for a, _ in spans) - 0.5, max(b for _, b in spans) + 0.5)
     fig.savefig(f, format="png", dpi=100)
 
 

@@ -1,6 +1,7 @@
 """Checks that run before any heavy work (loaders, model, process-group traffic), so a typo or a bad run
 directory costs a second, not a GPU-hour: labels within the model's classes, a writable output folder,
-and the removal of temp files that interrupted checkpoint writes left behind."""
+and the removal of temp files that interrupted checkpoint writes left behind. `preflight_problems`
+collects every finding of one start, so they are reported together (one block, rc 2)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from engine.config import Config, ConfigError
 
 import torch
 from torch import nn
@@ -27,8 +31,9 @@ class LabelledEntry(Protocol):
     def where(self) -> str: ...  # "list_file:line"
 
 
-# The temp names engine.fileio.atomic_write gives checkpoints: ".{name}.{random}.tmp" (mkstemp)
-STALE_CKPT_TMP = re.compile(r"^\.ckpt_e\d+_s\d+\.pt\.[^/]+\.tmp$")
+# The temp names engine.fileio.atomic_write gives checkpoints: ".{name}.{random}.tmp" (mkstemp), and
+# engine.checkpoint.mark_best's ".ckpt_best.pt.{random}.tmp"
+STALE_CKPT_TMP = re.compile(r"^\.ckpt_(e\d+_s\d+|best)\.pt\.[^/]+\.tmp$")
 
 
 def check_labels(entries: Iterable[LabelledEntry], num_classes: int, key: str = "model.num_classes") -> None:
@@ -90,6 +95,62 @@ def remove_stale_checkpoint_temps(out_dir: str | Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def preflight_problems(
+    cfg: Config, cuda: bool, resuming: bool, lists: list[str], make_out_dir: bool = True
+) -> tuple[list[str], list[str]]:
+    """Everything knowable before heavy work, collected rather than stopping at the first: (problems,
+    warnings). Problems: data.device gpu without CUDA, a missing model.pretrained (unless resuming: the
+    checkpoint brings the weights) or data.flip_pairs file, unreadable lists and labels outside
+    model.num_classes, an unwritable train.out_dir (created when `make_out_dir`). Warnings:
+    class_count_warning for the training list."""
+    from dali_pipes.listfile import read_list  # lazily: engine stays importable without DALI
+
+    problems: list[str] = []
+    if cfg.data.device == "gpu" and not cuda:
+        problems.append("data.device: 'gpu' but this machine has no CUDA device; pass --data.device=cpu")
+    if cfg.model.pretrained and not resuming and not Path(cfg.model.pretrained).is_file():
+        problems.append(f"model.pretrained: {cfg.model.pretrained} not found")
+    if cfg.data.flip == "pairs" and cfg.data.flip_pairs and not Path(cfg.data.flip_pairs).is_file():
+        problems.append(f"data.flip_pairs: {cfg.data.flip_pairs} not found")
+    entries: dict[str, list] = {}
+    for key in lists:
+        path = getattr(cfg.data, key)
+        if not path:  # unset: the loader names the key (and a test's in-memory loader needs none)
+            continue
+        try:
+            found = read_list(path, cfg.data.root)
+            check_labels(found, cfg.model.num_classes)
+            entries[path] = found  # labels in range: then its class count is worth a warning
+        except (ValueError, OSError) as e:  # ListFileError, PreflightError
+            problems.append(f"data.{key}: {e}" if str(path) not in str(e) else str(e))
+    if make_out_dir:
+        try:
+            check_writable_dir(cfg.train.out_dir)
+        except PreflightError as e:
+            problems.append(str(e))
+    train = cfg.data.train_list  # the list the fc learns from: does its class count fit?
+    warning = class_count_warning(entries[train], cfg.model.num_classes, train, cfg.data.root) if (
+        train in entries) else ""  # fmt: skip
+    return problems, [warning] if warning else []
+
+
+def with_preflight_findings(error: ConfigError, cuda: bool) -> str:
+    """A config error's message plus what the preflight finds in the rest of that config (the bad keys at
+    their defaults; nothing created), so one start reports every problem together."""
+    cfg = error.partial
+    if cfg is None:
+        return str(error)
+    lists = ["train_list"] + (["val_list"] if cfg.train.eval_every > 0 else [])
+    try:
+        problems, _ = preflight_problems(cfg, cuda, False, lists, make_out_dir=False)
+    except Exception:  # the config error is the report; a failing extra check must not hide it
+        return str(error)
+    head = str(error).split("\n", 1)
+    lines = (head[1].splitlines() if len(head) > 1 and head[0].endswith("problems:") else [f"  {error}"])
+    lines += [f"  {p}" for p in problems]
+    return lines[0].strip() if len(lines) == 1 else f"{len(lines)} problems:\n" + "\n".join(lines)
 
 
 def checkpoint_bytes(model: nn.Module, optimizer: str, momentum: float, ema: bool) -> int:

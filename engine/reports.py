@@ -100,7 +100,8 @@ def write_reports(
     metrics: dict,
     title: str,
 ) -> list[Path]:
-    """Next to the dump <out>.npz: <out>.metrics.json, .per_class.csv, .confusion.csv and .confusion.png."""
+    """Next to the dump <out>.npz: <out>.metrics.json, .per_class.csv, .confusion.csv and .confusion.png,
+    and above ANNOTATE_UP_TO classes .confused_pairs.csv (the most confused pairs, as in the PNG)."""
     num_classes = scores.shape[1]
     names = class_names or [str(c) for c in range(num_classes)]
     cm = confusion_matrix(labels, scores.argmax(axis=1), num_classes)
@@ -121,6 +122,8 @@ def write_reports(
     atomic_write(paths[1], per_class, binary=False)
     atomic_write(paths[2], confusion, binary=False)
     atomic_write(paths[3], lambda f: plot_confusion(cm, names, title, f))
+    if num_classes > ANNOTATE_UP_TO:  # the pairs the PNG shows beside the matrix, as a table
+        paths.append(write_confused_pairs(Path(f"{Path(out).with_suffix('')}.confused_pairs.csv"), cm, names))
     return paths
 
 
@@ -131,6 +134,7 @@ def report_paths(out: Path) -> list[Path]:
 
 
 ANNOTATE_UP_TO = 30  # classes: beyond this, counts in the cells and full names no longer fit
+TOP_PAIRS = 20  # above ANNOTATE_UP_TO classes: the most confused pairs beside the matrix and in a CSV
 
 
 def short_name(name: str, width: int = 28) -> str:
@@ -138,13 +142,39 @@ def short_name(name: str, width: int = 28) -> str:
     return name if len(name) <= width else name[: width - 1] + "\u2026"
 
 
+def confused_pairs(cm: np.ndarray, top: int = TOP_PAIRS) -> list[tuple[int, int, int, float]]:
+    """The largest off-diagonal cells: (true, predicted, videos, fraction of the true class's videos),
+    most videos first (ties: the larger fraction, then the lower class indices). At 174 or 400 classes the
+    matrix is too fine to read; these pairs are what a researcher looks for in it."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    counts = cm.sum(axis=1)
+    cells = [(int(off[t, p]), t, p) for t, p in zip(*np.nonzero(off), strict=True)]
+    cells.sort(key=lambda c: (-c[0], -c[0] / counts[c[1]], c[1], c[2]))
+    return [(int(t), int(p), n, n / float(counts[t])) for n, t, p in cells[:top]]
+
+
+def write_confused_pairs(path: Path, cm: np.ndarray, names: list[str]) -> Path:
+    """<out>.confused_pairs.csv: the TOP_PAIRS most confused (true, predicted) pairs, as in the PNG."""
+
+    def rows(f):
+        w = csv.writer(f)
+        w.writerow(["true", "true_name", "predicted", "predicted_name", "videos", "fraction_of_true"])
+        w.writerows([t, names[t], p, names[p], n, f"{frac:.4f}"] for t, p, n, frac in confused_pairs(cm))
+
+    return atomic_write(path, rows, binary=False)
+
+
 def plot_confusion(cm: np.ndarray, names: list[str], title: str, f: io.IOBase) -> None:
     """Row-normalised confusion matrix as PNG. A bare Figure renders with Agg and touches no pyplot state.
 
-    Up to ANNOTATE_UP_TO classes every cell shows its count and the ticks the (shortened) names; up to 60
-    the names alone; beyond (Sth-Sth's 174, Kinetics' 400) ticks show class indices every few classes and
-    the names are in the .confusion.csv beside the PNG.
+    Up to ANNOTATE_UP_TO classes every cell shows its count and the ticks the (shortened) names. Beyond,
+    a bar chart of the TOP_PAIRS most confused pairs (true -> predicted, named) stands beside the matrix,
+    whose colours follow a square-root scale so that sparse confusions stay visible; up to 60 classes the
+    ticks still name the classes, beyond (Sth-Sth's 174, Kinetics' 400) they show class indices every few
+    classes and the names are in the .confusion.csv beside the PNG.
     """
+    from matplotlib.colors import Normalize, PowerNorm
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -152,13 +182,20 @@ def plot_confusion(cm: np.ndarray, names: list[str], title: str, f: io.IOBase) -
     counts = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, counts, out=np.zeros(cm.shape, dtype=float), where=counts > 0)
     named = num_classes <= 60
+    many = num_classes > ANNOTATE_UP_TO
     label_room = 0.075 * (max((len(short_name(n)) for n in names), default=1) + 5) if named else 0.4
-    cells = 0.42 * num_classes if named else 12.0  # inches for the matrix itself
+    cells = 0.42 * num_classes if named else 10.0  # inches for the matrix itself
     side = max(cells, 3.0) + label_room + 1.2
-    fig = Figure(figsize=(side + 1.3, side), layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="fraction of the true class")
+    pairs_width = 9.0 if many else 0.0
+    fig = Figure(figsize=(side + 1.3 + pairs_width, side), layout="constrained")
+    if many:
+        ax, pairs_ax = fig.subplots(1, 2, width_ratios=[side + 1.3, pairs_width])
+    else:
+        ax, pairs_ax = fig.add_subplot(), None
+    scale = PowerNorm(0.5, vmin=0, vmax=1) if many else Normalize(vmin=0, vmax=1)
+    image = ax.imshow(norm, cmap="Blues", norm=scale, interpolation="nearest")
+    label = "fraction of the true class" + (" (square-root scale)" if many else "")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label=label)
     ax.set_title(title)
     if named:
         short = [f"{short_name(n)} ({c})" if n != str(c) else n for c, n in enumerate(names)]
@@ -171,13 +208,39 @@ def plot_confusion(cm: np.ndarray, names: list[str], title: str, f: io.IOBase) -
             axis.set_major_locator(MaxNLocator(nbins=20, integer=True))
         ax.set_xlabel("predicted class (index; names in the .confusion.csv)")
         ax.set_ylabel("true class (index)")
-    if num_classes <= ANNOTATE_UP_TO:
+    if not many:
         size = 8 if num_classes <= 15 else 7
         for (row, col), count in np.ndenumerate(cm):
             if count:
                 colour = "white" if norm[row, col] > 0.5 else "black"
                 ax.text(col, row, str(count), ha="center", va="center", fontsize=size, color=colour)
+    if pairs_ax is not None:
+        plot_confused_pairs(pairs_ax, cm, names)
     fig.savefig(f, format="png", dpi=100)
+
+
+def plot_confused_pairs(ax, cm: np.ndarray, names: list[str]) -> None:
+    """Horizontal bars of the most confused pairs, the largest on top, each labelled with its share."""
+    pairs = confused_pairs(cm)
+    ax.set_title(f"the {len(pairs)} most confused pairs (true \u2192 predicted)")
+    if not pairs:
+        ax.text(0.5, 0.5, "no confusions", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_axis_off()
+        return
+    ys = list(range(len(pairs)))[::-1]
+    videos = [n for _, _, n, _ in pairs]
+    ax.barh(ys, videos, color="C3", height=0.6)
+    def named(c: int) -> str:
+        return names[c] if names[c] == str(c) else f"{short_name(names[c], 44)} ({c})"
+
+    labels = [f"{named(t)}\n\u2192 {named(p)}" for t, p, _, _ in pairs]  # two lines: Sth-Sth names are long
+    ax.set_yticks(ys, labels, fontsize=8)
+    for y, (_, _, n, frac) in zip(ys, pairs, strict=True):
+        ax.text(n, y, f" {n} ({100 * frac:.0f}% of true)", va="center", fontsize=8)
+    ax.set_xlim(0, max(videos) * 1.35)
+    ax.set_xlabel("videos")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(axis="x", alpha=0.3)
 
 
 def print_table(rows: list[tuple[str, str]], title: str) -> None:

@@ -21,10 +21,10 @@ from torch import nn
 
 from engine.amp import autocast
 from engine.channels_last import to_channels_last
+from engine.config import FUSE_MODES
 
 log = logging.getLogger(__name__)
 
-FUSE_MODES = ("logits", "softmax")
 
 
 @dataclass

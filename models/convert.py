@@ -25,16 +25,46 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine.config import DefaultsHelpFormatter, ModelConfig, exit_if_help
+
+SOURCES = ("torchvision", "tsm", "tam", "ctnet", "msn", "tdn", "mmaction")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, defined before torch loads so that `--help` needs none."""
+    p = argparse.ArgumentParser(
+        prog="python -m models.convert",
+        description="Convert an official checkpoint (TSM, TAM, CT-Net, MSN, TDN, MMAction2, torchvision) "
+        "into this package's layout. See docs/CHECKPOINTS.md.",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    p.add_argument("src", help="official checkpoint (.pth, .pth.tar)")
+    p.add_argument("dst", help="output file ({'model', 'meta'}), written atomically")
+    p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="which code base wrote SRC")
+    p.add_argument("--model", required=True, help="our model name (a key of models.MODELS)")
+    p.add_argument("--depth", type=int, default=50, help="ResNet depth (default 50)")
+    p.add_argument("--num-classes", type=int, default=None, help="default: read off the classifier in SRC")
+    p.add_argument("--num-segments", type=int, default=8, help="segments T the model was trained with")
+    p.add_argument("--debug", action="store_true", help="our tiny debug flavour (tests)")
+    p.add_argument(
+        "--trust",
+        action="store_true",
+        help="accepted and ignored: every file is read the same restricted way (nothing in it runs; "
+        "Python objects beside the tensors become inert stand-ins), so no file needs trusting",
+    )
+    return p
+
+
+if __name__ == "__main__":
+    exit_if_help(build_parser)
+
 import torch
 from torch import nn
 
 from engine.checkpoint import save_checkpoint
-from engine.config import DefaultsHelpFormatter, ModelConfig
 from engine.safe_load import SafeLoadError, safe_load
 
 Rule = tuple[str, str]  # (regex, replacement) applied with re.sub, in order
-
-SOURCES = ("torchvision", "tsm", "tam", "ctnet", "msn", "tdn", "mmaction")
 
 # Which of our models each source publishes weights for.
 SOURCE_MODELS: dict[str, tuple[str, ...]] = {
@@ -440,32 +470,8 @@ def convert_file(
     return state
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m models.convert",
-        description="Convert an official checkpoint (TSM, TAM, CT-Net, MSN, TDN, MMAction2, torchvision) "
-        "into this package's layout. See docs/CHECKPOINTS.md.",
-        formatter_class=DefaultsHelpFormatter,
-    )
-    p.add_argument("src", help="official checkpoint (.pth, .pth.tar)")
-    p.add_argument("dst", help="output file ({'model', 'meta'}), written atomically")
-    p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="which code base wrote SRC")
-    p.add_argument("--model", required=True, help="our model name (a key of models.MODELS)")
-    p.add_argument("--depth", type=int, default=50, help="ResNet depth (default 50)")
-    p.add_argument("--num-classes", type=int, default=None, help="default: read off the classifier in SRC")
-    p.add_argument("--num-segments", type=int, default=8, help="segments T the model was trained with")
-    p.add_argument("--debug", action="store_true", help="our tiny debug flavour (tests)")
-    p.add_argument(
-        "--trust",
-        action="store_true",
-        help="accepted and ignored: every file is read the same restricted way (nothing in it runs; "
-        "Python objects beside the tensors become inert stand-ins), so no file needs trusting",
-    )
-    return p.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.trust:
         print("--trust is no longer needed and is ignored: every file is read the same restricted way")
     try:

@@ -15,10 +15,25 @@ import argparse
 import math
 import sys
 
+from engine.config import DefaultsHelpFormatter, ModelConfig, exit_if_help
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, defined before torch loads so that `--help` needs none."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+    )
+    parser.add_argument("--depth", type=int, default=50, help="ResNet depth for every model (default 50)")
+    parser.add_argument("--models", nargs="*", help="subset of the keys of models.MODELS (default: all)")
+    return parser
+
+
+if __name__ == "__main__":
+    exit_if_help(build_parser)
+
 import torch
 from torch import nn
 
-from engine.config import DefaultsHelpFormatter, ModelConfig
 from models import MODELS
 
 # (name, depth) -> (params at 400 classes, params at 174 classes, GMACs per clip), from models.md.
@@ -117,11 +132,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
-    )
-    parser.add_argument("--depth", type=int, default=50, help="ResNet depth for every model (default 50)")
-    parser.add_argument("--models", nargs="*", help=f"subset of {', '.join(MODELS)}")
+    parser = build_parser()
     args = parser.parse_args(argv)
     unknown = sorted(set(args.models or []) - set(MODELS))
     if unknown:

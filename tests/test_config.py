@@ -1,8 +1,18 @@
 import re
 
 import pytest
+import yaml
 
-from engine.config import Config, ConfigError, dump_yaml, from_dict, load_config, split_cli, to_dict
+from engine.config import (
+    Config,
+    ConfigError,
+    dump_yaml,
+    from_dict,
+    load_config,
+    print_config_text,
+    split_cli,
+    to_dict,
+)
 
 
 def write(tmp_path, text):
@@ -138,6 +148,78 @@ def test_readme_config_reference_names_every_choice():
     for key in ("data.sampling", "data.val_sampling", "data.dense_span", "eval.temporal_mode"):
         for choice in _CHOICES[key]:
             assert f"`{choice}`" in data_md, f"docs/DATA.md does not explain {key}: {choice}"
+
+
+# ---- base: inheritance, --print-config origins, problems reported together --------------------------
+
+
+def test_base_chain_merges_section_by_section(tmp_path):
+    (tmp_path / "a.yaml").write_text("data:\n  batch_size: 4\n  num_workers: 3\noptim:\n  lr: 0.5\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ndata:\n  batch_size: 6\nmodel:\n  name: tam\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "c.yaml"
+    child.write_text("base: ../b.yaml  # relative to this file\noptim:\n  momentum: 0.5\n")
+    cfg = load_config(child, ["--data.num_workers=1"])
+    assert (cfg.data.batch_size, cfg.data.num_workers) == (6, 1)  # b over a, the command line over both
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.model.name) == (0.5, 0.5, "tam")  # keys, not sections
+    assert cfg.optim.weight_decay == 5e-4  # untouched keys keep their defaults
+
+
+def test_base_cycle_and_missing_base_are_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "a.yaml")
+    a, b, c = (tmp_path / f"{n}.yaml" for n in "abc")
+    assert str(e.value) == f"{c}: base: a cycle: {a} -> {b} -> {c} -> {a}"
+    (tmp_path / "d.yaml").write_text("base: nope.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "d.yaml")
+    assert str(e.value).startswith(f"{tmp_path / 'd.yaml'}: base: {tmp_path / 'nope.yaml'} not found")
+
+
+def test_print_config_is_block_yaml_naming_each_values_origin(tmp_path):
+    (tmp_path / "a.yaml").write_text("optim:\n  lr_steps: [3, 4]\n  lr: 0.01\n")  # lr as the default
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nmodel:\n  num_classes: 174\n")
+    text = print_config_text(tmp_path / "b.yaml", ["--train.epochs=3"])
+    lines = text.splitlines()
+    assert "  num_classes: 174  # " + str(tmp_path / "b.yaml") in lines
+    assert "  lr_steps:  # " + str(tmp_path / "a.yaml") in lines and "  - 3" in lines  # block lists
+    assert "  epochs: 3  # command line" in lines
+    assert "  lr: 0.01" in lines  # a default value: no comment
+    assert "[" not in text.replace("'[", "")  # no flow-style lists
+    assert from_dict(yaml.safe_load(text)) == load_config(tmp_path / "b.yaml", ["--train.epochs=3"])
+
+
+def test_all_config_problems_are_reported_together(tmp_path):
+    (tmp_path / "a.yaml").write_text("data:\n  sampling: dens\noptim:\n  lrr: 1\n")
+    p = write(tmp_path, "base: a.yaml\ntrain:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["--model.depth=x", "--optim.lr=0.1"])
+    lines = str(e.value).splitlines()
+    assert lines[0] == "4 config problems:"
+    assert sorted(lines[1:]) == sorted([
+        f"  {tmp_path / 'a.yaml'}: unknown key 'optim.lrr' (did you mean 'lr'?)",
+        f"  {p}: unknown key 'train.epoch' (did you mean 'epochs'?)",
+        "  command line: --model.depth=x: model.depth: expected an integer, got str 'x'",
+        f"  {tmp_path / 'a.yaml'}: data.sampling: 'dens' is not one of uniform, dense, clip3d (did you mean "
+        "'dense'?)",
+    ])  # fmt: skip
+    assert e.value.partial is not None and e.value.partial.optim.lr == 0.1  # the good override applied
+
+
+def test_recipes_use_base_and_resolve_as_before():
+    """tsm_sthv2 / tam_sthv2 inherit from their V1 files; the merged recipes are the published ones."""
+    tsm = load_config("configs/tsm_sthv2.yaml")
+    assert (tsm.data.source, tsm.data.flip, tsm.optim.lr, tsm.optim.ref_batch) == ("video", "pairs", 0.01, 64)
+    assert (tsm.eval.spatial_crops, tsm.eval.temporal_mode) == (3, "twice")
+    assert tsm.train.out_dir == "runs/tsm_sthv2"
+    tam = load_config("configs/tam_sthv2.yaml")
+    assert (tam.model.dropout, tam.optim.lr, tam.optim.weight_decay, tam.optim.lr_steps) == (
+        0.5, 0.02, 5e-4, [30, 40, 45],
+    )  # fmt: skip
+    assert (tam.data.batch_size, tam.eval.temporal_mode, tam.model.num_classes) == (16, "uniform", 174)
 
 
 def test_exponent_floats_without_dot_or_sign_are_numbers(tmp_path):

@@ -87,4 +87,75 @@ def test_confusion_png_for_small_and_large_label_sets(tmp_path, num_classes):
     names = [f"Pushing something from left to right {c}" for c in range(num_classes)]
     paths = write_reports(tmp_path / "eval.npz", labels, scores, names, {"top1": 70.0}, "title")
     width, height = png_size(paths[3])
-    assert 500 <= width <= 2000 and 400 <= height <= 2000
+    assert 500 <= width <= 2400 and 400 <= height <= 2000  # above 30 classes: the pairs chart beside
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The Figures the code under test saves (their axes are inspected after the PNG is written)."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def test_curves_name_top_k_by_its_real_k_and_stop_at_100(tmp_path, drawn):
+    run = fake_run(tmp_path / "four", epochs=3, steps_per_epoch=2)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[0] = json.dumps({"kind": "start", "step": 0, "config": {"model": {"num_classes": 4}}})
+    lines = [ln.replace('"top5": 60.0', '"top5": 100.0') for ln in lines]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    plot.save_curves([run], tmp_path / "c.png")
+    top1_ax, topk_ax = drawn[-1].axes[4:6]
+    assert topk_ax.get_title() == "validation top-4 (k = all classes: always 100 %)"
+    assert topk_ax.get_ylabel() == "top-4 %" and topk_ax.get_ylim()[1] <= 100.5
+    assert top1_ax.get_ylim()[1] <= 100.5
+    assert plot.top_k_name([400]) == "top-5" and plot.top_k_name([4, 400]) == "top-k (k = 4, 5)"
+    assert plot.top_k_name([None]) == "top-5"  # a run without a stored config: the metric's name
+    plot.save_curves([fake_run(tmp_path / "unknown", epochs=2, steps_per_epoch=2)], tmp_path / "u.png")
+    assert drawn[-1].axes[5].get_title() == "validation top-5"
+
+
+def test_profiler_chart_is_ordered_by_cpu_ms_per_clip(tmp_path, drawn):
+    results = [
+        Result("fast but costly", "route", clips=200, seconds=2.0, cpu_seconds=8.0),  # 40 CPU-ms/clip
+        Result("broken", "baseline", error="skipped: decord is not importable"),
+        Result("cheap", "route", clips=100, seconds=2.0, cpu_seconds=1.0),  # 10 CPU-ms/clip
+        Result("middle", "route", clips=50, seconds=2.0, cpu_seconds=1.0),  # 20 CPU-ms/clip
+    ]
+    save_plot(results, "t", str(tmp_path / "p.png"))
+    ax = drawn[-1].axes[0]
+    ticks = sorted(ax.get_yticklabels(), key=lambda t: -t.get_position()[1])  # top first
+    assert [t.get_text() for t in ticks] == ["cheap", "middle", "fast but costly", "broken"]
+    assert "CPU-ms per clip" in ax.get_xlabel()
+
+
+def test_confusion_of_400_classes_lists_the_most_confused_pairs(tmp_path, drawn):
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(400), 2)
+    predicted = labels.copy()
+    predicted[labels == 7] = 8  # both videos of class 7 taken for class 8
+    predicted[(labels == 300) & (np.arange(len(labels)) % 2 == 0)] = 12
+    scores = np.eye(400, dtype=np.float32)[predicted] + 0.01 * rng.random((len(labels), 400))
+    names = [f"class {c}" for c in range(400)]
+    paths = write_reports(tmp_path / "k400.npz", labels, scores, names, {"top1": 99.0}, "k400")
+    assert paths[-1].name == "k400.confused_pairs.csv"
+    rows = paths[-1].read_text().splitlines()
+    assert rows[1:] == ["7,class 7,8,class 8,2,1.0000", "300,class 300,12,class 12,1,0.5000"]
+    pairs_ax = [ax for ax in drawn[-1].axes if "most confused" in ax.get_title()]
+    assert len(pairs_ax) == 1
+    ticks = sorted(pairs_ax[0].get_yticklabels(), key=lambda t: -t.get_position()[1])  # top first
+    assert [t.get_text() for t in ticks] == [
+        "class 7 (7)\n\u2192 class 8 (8)", "class 300 (300)\n\u2192 class 12 (12)",
+    ]  # fmt: skip
+    width, height = png_size(paths[3])
+    assert 1500 <= width <= 2400 and 900 <= height <= 1400
+    small = write_reports(tmp_path / "small.npz", labels[:16] % 8, scores[:16, :8], None, {}, "8")
+    assert len(small) == 4  # 30 classes or fewer: counts in the cells, no pairs table

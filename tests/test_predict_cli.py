@@ -229,6 +229,30 @@ def test_gpu_route_predicts_as_the_cpu_route(nvdec_setup, tmp_path):
         np.testing.assert_allclose([gpu[c] for c in range(3)], [cpu[c] for c in range(3)], atol=0.02)
 
 
+def test_predictor_api_matches_the_command(setup, tmp_path):
+    """engine.inference.Predictor: one model load, then top-k per video, the command's numbers; the run
+    folder resolves as in the command (no ckpt_best.pt here: the newest), named in --out's meta."""
+    from engine.inference import Predictor
+
+    out = tmp_path / "p.json"
+    video = setup["folder"] / "grow.webm"
+    argv = [str(setup["ckpt"].parent), str(video), "--views", "3x2", "--topk", "3", "--out", str(out)]
+    assert predict.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["checkpoint"] == str(setup["ckpt"])
+    said: list[str] = []
+    p = Predictor(setup["ckpt"].parent, views="3x2", topk=3, say=said.append)
+    got = p(video)
+    expected = doc["videos"][0]["topk"]
+    assert [(c, n) for c, n, _ in got] == [(t["class_id"], t["class"]) for t in expected]
+    np.testing.assert_allclose([x for _, _, x in got], [t["probability"] for t in expected], atol=1e-6)
+    assert said[0] == f"checkpoint {setup['ckpt']} (the run's newest (no ckpt_best.pt))"
+    results = p.predict([video, setup["folder"] / "broken.webm"])
+    assert results[0].topk == got and results[1].error and not results[1].topk
+    with pytest.raises(ValueError, match="broken.webm"):
+        p(setup["folder"] / "broken.webm")
+
+
 def test_a_symlinked_duplicate_and_a_rotated_clip_are_scored(setup, tmp_path, capsys):
     """M = {a, b, link -> a, rotated}: every file is scored ("0 of 3 scored" before: the temporary list
     held a twice); the link gets a's scores under its own name; the rotated clip is turned upright on the
@@ -271,3 +295,72 @@ def test_rotation_is_applied_as_ffmpeg_shows_it(tmp_path):
         ours = decode_frames(str(rotated), np.array([0]), rotate=True)[0]
         assert ours.shape[:2] == shape
         assert np.array_equal(ours, np.frombuffer(shown, np.uint8).reshape(ours.shape)), degrees
+
+
+def test_timeline_of_a_long_video(setup, tmp_path, capsys):
+    """--timeline: windows of --window frames at most --stride apart through the test pipeline; each
+    window's probabilities are the softmax of its own logits, so the mean of the windows' logits is what
+    predict gives for the same dense views; a PNG and a per-window CSV."""
+    from engine.inference import Predictor, score_timeline, timeline_views
+
+    cmd = [sys.executable, "-m", "prep.synth", str(tmp_path / "long"), "--classes", "grow", "--per-class",
+           "1", "--val-per-class", "1", "--size", "32", "--frames", "40", "--jobs", "1", "--quiet",
+           ]  # fmt: skip
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    video = tmp_path / "long" / "videos" / "grow" / "val_0000.webm"
+    png, table = tmp_path / "t.png", tmp_path / "t.csv"
+    argv = [str(setup["ckpt"]), str(video), "--timeline", str(png), "--window", "16", "--stride", "8",
+            "--out", str(table), "--topk", "3"]  # fmt: skip
+    assert predict.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert timeline_views(40, 16, 8).temporal_clips == 4 and "window 3 frames 24-" in printed
+    rows = list(csv.DictReader(table.open()))
+    assert [int(r["window"]) for r in rows] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert [int(r["start_frame"]) for r in rows[::3]] == [0, 8, 16, 24]
+    assert png_size_ok(png)
+
+    p = Predictor(setup["ckpt"], topk=3)
+    windows, probs = score_timeline(p, video, 16, 8)
+    assert probs.shape == (4, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert not np.allclose(probs[0], probs[3])  # the windows see different frames
+    dense = Predictor(setup["ckpt"], topk=3, overrides=[
+        "--data.sampling=dense", "--data.dense_window=16", "--eval.temporal_mode=dense",
+        "--eval.temporal_clips=4", "--eval.spatial_crops=1"])  # fmt: skip
+    fused = scoring.softmax(np.log(probs).mean(axis=0, keepdims=True))[0]  # log-softmax differs by a constant
+    got = {c: pr for c, _, pr in dense(video)}
+    np.testing.assert_allclose([got[c] for c in range(3)], fused, atol=2e-5)
+    assert predict.main([str(setup["ckpt"]), str(setup["folder"]), "--timeline", str(png)]) == 2
+    assert "must be one video file" in capsys.readouterr().err
+
+
+def test_timeline_render_draws_the_labels_on_every_frame(setup, tmp_path, capsys):
+    """--render OUT.mp4: as many frames as the source, the labels drawn where the source has none (the top
+    left box), written atomically (no temp file left); each frame is labelled by its nearest window."""
+    import av
+
+    from engine.inference import Window, frame_ranges
+
+    video = setup["folder"] / "grow.webm"  # 8 frames
+    out = tmp_path / "labelled.mp4"
+    argv = [str(setup["ckpt"]), str(video), "--timeline", str(tmp_path / "t.png"), "--window", "4",
+            "--stride", "2", "--render", str(out)]  # fmt: skip
+    assert predict.main(argv) == 0, capsys.readouterr().err
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labelled.mp4", "t.png"]
+    with av.open(str(video)) as a, av.open(str(out)) as b:
+        src = [f.to_ndarray(format="rgb24").astype(int) for f in a.decode(video=0)]
+        got = [f.to_ndarray(format="rgb24").astype(int) for f in b.decode(video=0)]
+    assert len(got) == len(src) == 8
+    corner = (slice(8, 14), slice(8, 20))  # inside the label box
+    assert all(abs(g[corner] - s[corner]).mean() > 20 for g, s in zip(got, src, strict=True))
+    spans = [Window(0, 3, []), Window(2, 5, []), Window(4, 7, [])]
+    assert frame_ranges(spans, 8) == [(0, 2), (3, 4), (5, 7)]
+    assert predict.main([str(setup["ckpt"]), str(video), "--render", str(out)]) == 2
+    assert "--render goes with --timeline" in capsys.readouterr().err
+
+
+def png_size_ok(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size == (1200, 500)

@@ -251,6 +251,51 @@ def test_uniform_n(n):
                 assert got == official_ctnet_four_clips(F, T, 1), (F, T)
 
 
+def test_snippets_on_videos_of_4_frames_or_fewer_clamp_where_the_official_starts_go_negative():
+    """docs/DATA.md, difference 2: with 5-frame snippets and F <= 4 (F' = F - 4 <= 0) the official tick
+    (F - 4) / T is <= 0. TSM/TAM/CT-Net `twice` and the 1-clip test then start at -1 or -2 for F <= 2,
+    CT-Net's 4 uniform clips at -1..-4 for every F <= 4, and TAM's uniform-N wraps its negative starts mod F
+    onto later frames. Ours clamps F' to 1: every clip starts at frame 0 (frames 0..F-1, the last
+    repeated), a clip the official code cannot produce there."""
+    L = 5
+    for T in T_GRID:
+        for F in (1, 2, 3, 4):
+            clamped = snippets([0] * T, L, F)
+            for mode, n in (("centres", 1), ("twice", 2), ("uniform", 4)):
+                got = ours(F, "test", num_segments=T, snippet_len=L, test_mode=mode, test_clips=n)
+                assert got == [clamped] * n, (F, T, mode)
+            official_twice = official_tsm_test(F, T, L, twice=True)
+            assert (min(min(c) for c in official_twice) < 0) == (F <= 2), (F, T)
+            if F > 2:  # the truncation toward zero keeps F = 3, 4 at 0: there the official equals ours
+                assert [snippets(c, L, F) for c in official_twice] == [clamped] * 2
+            assert min(min(c) for c in official_ctnet_four_clips(F, T, L)) < 0, (F, T)
+    # TAM's uniform-4 wraps mod F: other frames than ours (here F = 4, T = 1: the last clip starts at 3)
+    assert official_tam_uniform(4, 1, L, 4) == [[0], [0], [0], [3]]
+    # single frames (L = 1) never take a negative start: there `twice` equals ours for every F (test_twice)
+    assert all(min(c) >= 0 for F in (1, 2, 3, 4) for T in T_GRID for c in official_tsm_test(F, T, 1, True))
+
+
+def test_ctnet_k400_tests_dense_10_not_ctnets_4_uniform_clips():
+    """docs/DATA.md, difference 1: configs/ctnet_k400.yaml tests with 10 dense clips (TSM's dense-10),
+    while CT-Net's own test_acc.py with --dense-sample takes 4 uniform clips; the override the YAML and
+    DATA.md give (--eval.temporal_mode=uniform --eval.temporal_clips=4) reproduces CT-Net's clips."""
+    from dali_pipes.loader import sampling_options
+    from engine.config import load_config
+
+    recipe = load_config("configs/ctnet_k400.yaml")
+    as_ctnet = ["--eval.temporal_mode=uniform", "--eval.temporal_clips=4"]
+    ctnet = load_config("configs/ctnet_k400.yaml", as_ctnet)
+    ours_recipe = sampling_options(recipe.data, recipe.eval)
+    ours_ctnet = sampling_options(ctnet.data, ctnet.eval)
+    assert (ours_recipe.test_mode, ours_recipe.test_clips, recipe.eval.spatial_crops) == ("dense", 10, 3)
+    T = recipe.data.num_segments
+    for F in (64, 120, 300):
+        four = clip_indices(F, "test", ours_ctnet, seed=SEED, epoch=EPOCH, sample_id=F).tolist()
+        assert four == official_ctnet_four_clips(F, T, 1), F
+        dense = clip_indices(F, "test", ours_recipe, seed=SEED, epoch=EPOCH, sample_id=F).tolist()
+        assert len(dense) == 10 and dense[:4] != four, F
+
+
 @pytest.mark.parametrize("L", [5, 1])
 def test_uniform_random_is_n_training_draws(L):
     """MSN/TDN Kinetics test: `_sample_indices` once per clip index; here N draws from the sample's seed."""
