@@ -55,8 +55,8 @@ $(VENV)/.ready: pyproject.toml
 setup: ffmpeg $(VENV)/.ready
 
 # The embedded demo dataset: synthetic motion-only VP9 clips, lists and a validation pass.
-$(DEMO)/.ready: | setup
-	$(PY) -m prep.synth $(DEMO)
+$(DEMO)/.ready: prep/synth.py | setup
+	$(PY) -m prep.synth $(DEMO) --replace
 	$(PY) -m prep.validate $(DEMO)/train.txt --root $(DEMO)
 	$(PY) -m prep.validate $(DEMO)/val.txt --root $(DEMO)
 	touch $@

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,23 @@ def direction_accuracy(scores: np.ndarray, labels: np.ndarray, pairs: list[tuple
     return 100.0 * float(np.mean(hits)) if hits else float("nan")
 
 
-def train_and_score(name: str, data: Path, out_dir: Path, overrides: list[str]) -> dict:
+@dataclass(frozen=True)
+class Numerics:
+    """Floating-point kernel choices that change the trained weights but must not change the proof's
+    verdict (docs/TRAINING.md's table runs the proof under each); torch threads are `train.threads`."""
+
+    mkldnn: bool = True  # oneDNN convolutions (off: PyTorch's own CPU kernels)
+    matmul_precision: str = "highest"  # torch.set_float32_matmul_precision
+
+    def apply(self) -> None:
+        import torch
+
+        torch.backends.mkldnn.enabled = self.mkldnn
+        torch.set_float32_matmul_precision(self.matmul_precision)
+
+
+def train_and_score(name: str, data: Path, out_dir: Path, overrides: list[str],
+                    numerics: Numerics | None = None) -> dict:  # fmt: skip
     """Train `name` with configs/demo.yaml on `data`; score its final checkpoint on the val list."""
     import train
     from dali_pipes.loader import build_loader
@@ -65,6 +82,7 @@ def train_and_score(name: str, data: Path, out_dir: Path, overrides: list[str]) 
             *overrides,
         ],
     )
+    (numerics or Numerics()).apply()
     start = time.perf_counter()
     summary = train.train(cfg)
     seconds = time.perf_counter() - start
@@ -105,13 +123,15 @@ class _Prefixed(io.TextIOBase):
         self.stream.flush()
 
 
-def _train_and_score_in_child(name: str, data: Path, out_dir: Path, overrides: list[str]) -> dict:
+def _train_and_score_in_child(name: str, data: Path, out_dir: Path, overrides: list[str],
+                              numerics: Numerics | None = None) -> dict:  # fmt: skip
     """train_and_score in a worker process, its log lines marked with the model's name."""
     sys.stderr = _Prefixed(sys.stderr, f"[{name}] ")
-    return train_and_score(name, data, out_dir, overrides)
+    return train_and_score(name, data, out_dir, overrides, numerics)
 
 
-def run_demo(data: Path, out_root: Path, overrides: list[str] | None = None) -> list[dict]:
+def run_demo(data: Path, out_root: Path, overrides: list[str] | None = None,
+             numerics: Numerics | None = None) -> list[dict]:  # fmt: skip
     """TSM and TSN, same config and seed; returns both results (TSM first).
 
     Each training uses one CPU thread (train.threads, one DALI worker), so on a machine with two or more
@@ -119,12 +139,13 @@ def run_demo(data: Path, out_root: Path, overrides: list[str] | None = None) -> 
     results are the same as one after the other (every random choice is seeded per run)."""
     names, overrides = ("tsm", "tsn"), list(overrides or [])
     if len(os.sched_getaffinity(0)) < 2:
-        return [train_and_score(name, data, out_root / name, overrides) for name in names]
+        return [train_and_score(name, data, out_root / name, overrides, numerics) for name in names]
     spawn = multiprocessing.get_context("spawn")  # no fork of a process that has started threads
     # the trainings die with this process, however it ends (a time limit's SIGKILL too: engine.lifetime);
     # Ctrl-C reaches them too and stops each at its next step with a checkpoint (train.py's StopRequest)
     with ProcessPoolExecutor(max_workers=2, mp_context=spawn, **pool_options(ignore_sigint=False)) as pool:
-        runs = [pool.submit(_train_and_score_in_child, n, data, out_root / n, overrides) for n in names]
+        runs = [pool.submit(_train_and_score_in_child, n, data, out_root / n, overrides, numerics)
+                for n in names]  # fmt: skip
         return [run.result() for run in runs]
 
 

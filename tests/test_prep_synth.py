@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from prep.common import UserError
-from prep.synth import DEFAULT_CLASSES, REVERSE_OF, clip_rng, main, render_clip
+from prep.synth import ALL_CLASSES, REVERSE_OF, clip_rng, main, render_clip
 
 SMALL = ["--per-class", "1", "--val-per-class", "1", "--size", "32", "--frames", "8", "--quiet"]
 CLASSES = ["move_left", "move_right", "rotate_cw", "rotate_ccw", "grow"]
@@ -85,13 +85,17 @@ def test_rerun_is_a_no_op_and_foreign_folders_are_refused(tmp_path: Path) -> Non
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
     with pytest.raises(UserError, match="other options"):
         main([str(out), "--classes", "grow", *SMALL])
+    assert main([str(out), "--classes", "grow", "--replace", *SMALL]) == 0  # as make demo-data does
+    assert (out / "train.txt").read_text().count("\n") == 1 and not (out / "videos" / "shrink").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    with pytest.raises(UserError, match="not made by prep.synth"):
-        main([str(tmp_path / "mine"), *SMALL])
+    for extra in ([], ["--replace"]):
+        with pytest.raises(UserError, match="not made by prep.synth"):
+            main([str(tmp_path / "mine"), *SMALL, *extra])
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
     with pytest.raises(UserError, match="unknown"):
         main([str(tmp_path / "x"), "--classes", "jump", *SMALL])
-    assert set(DEFAULT_CLASSES) == set(REVERSE_OF) | set(REVERSE_OF.values())
+    assert set(ALL_CLASSES) == set(REVERSE_OF) | set(REVERSE_OF.values())
 
 
 def test_a_link_planted_as_a_temp_file_is_never_written_through(tmp_path: Path) -> None:

@@ -553,7 +553,7 @@ def _marked_processes(mark: str) -> list[tuple[int, str]]:
 
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory) -> Path:
-    """prep.synth's smallest set: 16 train and 8 val clips of 8 frames, 32 px."""
+    """prep.synth's smallest set: 12 train and 6 val clips (its 6 demo classes) of 8 frames, 32 px."""
     data = tmp_path_factory.mktemp("synth") / "data"
     synth = [sys.executable, "-m", "prep.synth", str(data), "--per-class", "2", "--val-per-class", "1",
              "--frames", "8", "--size", "32", "--quiet"]  # fmt: skip

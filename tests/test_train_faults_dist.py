@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from engine.checkpoint import latest_checkpoint, load_checkpoint
+from prep.synth import ALL_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -27,8 +28,8 @@ STEPS_PER_EPOCH = 8  # 32 clips, 2 ranks, batch 2
 def clips(tmp_path_factory, ffmpeg_available) -> Path:
     """32 training clips (8 classes x 4), 64 px, 16 frames (prep.synth)."""
     out = tmp_path_factory.mktemp("faults") / "demo"
-    cmd = [sys.executable, "-m", "prep.synth", str(out), "--quiet", "--per-class", "4",
-           "--val-per-class", "1", "--size", "64", "--frames", "16"]  # fmt: skip
+    cmd = [sys.executable, "-m", "prep.synth", str(out), "--quiet", "--classes", *ALL_CLASSES,
+           "--per-class", "4", "--val-per-class", "1", "--size", "64", "--frames", "16"]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True, timeout=300)
     return out
 
@@ -40,7 +41,7 @@ def _cmd(clips: Path, out: Path, *extra: str, train_list: Path | None = None) ->
         f"--data.val_list={clips / 'val.txt'}", f"--data.flip_pairs={clips / 'flip_pairs.txt'}",
         "--data.batch_size=2", "--data.input_size=32", "--data.scale_size=36", "--train.epochs=2",
         "--train.eval_every=0", "--train.log_every=1", f"--train.out_dir={out}", "--train.threads=1",
-        "--train.progress=false", "--train.dist_timeout_s=60", *extra,
+        "--train.progress=false", "--train.dist_timeout_s=60", "--model.num_classes=8", *extra,
     ]  # fmt: skip
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from dali_pipes.packet_index import PacketIndex, file_stamp, index_path_for
 from engine.checkpoint import latest_checkpoint, load_checkpoint
+from prep.synth import ALL_CLASSES
 from tests.test_train_faults_dist import REPO, _alive, _assert_same_weights, _children, _env
 
 pytestmark = pytest.mark.slow
@@ -28,8 +29,8 @@ EPOCHS = 3
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory, ffmpeg_available) -> Path:
     out = tmp_path_factory.mktemp("multinode") / "demo"
-    cmd = [sys.executable, "-m", "prep.synth", str(out), "--per-class", "2", "--val-per-class", "1",
-           "--size", "32", "--frames", "8", "--quiet"]  # fmt: skip
+    cmd = [sys.executable, "-m", "prep.synth", str(out), "--classes", *ALL_CLASSES, "--per-class", "2",
+           "--val-per-class", "1", "--size", "32", "--frames", "8", "--quiet"]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True, timeout=120)
     return out
 
@@ -50,7 +51,7 @@ def _node_cmd(clips: Path, out: Path, port: int, *extra: str) -> list[str]:
         f"--data.flip_pairs={clips / 'flip_pairs.txt'}", "--data.batch_size=2", "--data.input_size=32",
         "--data.scale_size=32", f"--train.epochs={EPOCHS}", "--train.eval_every=0", "--train.log_every=1",
         f"--train.out_dir={out}", "--train.threads=1", "--train.progress=false", "--train.dist_timeout_s=60",
-        *extra,
+        "--model.num_classes=8", *extra,
     ]  # fmt: skip
 
 
