@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     n = len(reverse_pairs(args.data / "classes.txt"))
     print()
+    chance = 100.0 / len((args.data / "classes.txt").read_text().split())
     print(f"Learning proof on {args.data} ({results[0]['videos']} validation clips, {n} reverse-twin pairs; "
-          "chance: 12.5 % top-1, 50 % direction)")  # fmt: skip
+          f"chance: {chance:.1f} % top-1, 50 % direction)")  # fmt: skip
     print(f"{'model':<6} {'val top-1':>10} {'direction':>10} {'train time':>11}")
     for r in results:
         print(

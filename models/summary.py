@@ -4,7 +4,7 @@ MACs are counted with forward hooks: every Conv1d/2d/3d and Linear layer contrib
 output elements x (input channels / groups) x kernel volume (x in_features for Linear), and a module
 with an `extra_macs(input, output)` method adds what it computes outside such layers (TAM's
 per-clip temporal conv). Norms, activations, pooling and element-wise products are not counted, which
-is how the figures in reference/models.md were taken. The forward runs on the meta device (no memory,
+is how the published GFLOPs figures were taken. The forward runs on the meta device (no memory,
 no arithmetic), falling back to the CPU for a model that cannot run there. One clip: 8 segments at
 224x224 for 2D models (5-frame snippets for MSN/TDN), 32 frames for 3D models.
 """
