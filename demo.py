@@ -131,14 +131,14 @@ def _train_and_score_in_child(name: str, data: Path, out_dir: Path, overrides: l
 
 
 def run_demo(data: Path, out_root: Path, overrides: list[str] | None = None,
-             numerics: Numerics | None = None) -> list[dict]:  # fmt: skip
+             numerics: Numerics | None = None, parallel: bool = True) -> list[dict]:  # fmt: skip
     """TSM and TSN, same config and seed; returns both results (TSM first).
 
     Each training uses one CPU thread (train.threads, one DALI worker), so on a machine with two or more
     cores the two run at once in two spawned processes, which nearly halves the demo's wall time; the
     results are the same as one after the other (every random choice is seeded per run)."""
     names, overrides = ("tsm", "tsn"), list(overrides or [])
-    if len(os.sched_getaffinity(0)) < 2:
+    if not parallel or len(os.sched_getaffinity(0)) < 2:  # (parallel=False: trainings of 2+ threads each)
         return [train_and_score(name, data, out_root / name, overrides, numerics) for name in names]
     spawn = multiprocessing.get_context("spawn")  # no fork of a process that has started threads
     # the trainings die with this process, however it ends (a time limit's SIGKILL too: engine.lifetime);

@@ -7,7 +7,8 @@ Each row runs the demo (demo.run_demo: the TSM and the same-size TSN of configs/
 scored on the val list) with `train.seed = data.seed = SEED` under one numerics variant:
   default     oneDNN convolutions on, 1 torch thread, float32 matmul precision "highest"
   no-mkldnn   torch.backends.mkldnn off (PyTorch's own CPU convolution kernels)
-  threads2    2 torch threads (another reduction order in every kernel)
+  threads2    2 torch threads (another reduction order in every kernel); the two trainings then run
+              one after the other (two 2-thread trainings on 2 cores spin in OpenMP barriers)
   medium      torch.set_float32_matmul_precision("medium") (bf16 matmuls where the CPU has them)
 and prints one markdown row per run as it finishes, then the verdict against the learning-proof test's
 thresholds (tests/test_train_demo.py) and the smallest margin to them.
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {','.join(VARIANTS)}")
     p.add_argument("--out", type=Path, default=Path("runs/proof_table"))
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--by-seed", action="store_true", help="all variants of a seed, then the next seed")
     args = p.parse_args(argv)
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -74,20 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     print("| seed | numerics | TSM top-1 | TSM direction | TSN top-1 | TSN direction | margin | wall s |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for seed in parse_seeds(args.seeds):
-        for name in variants:
-            extra, numerics = VARIANTS[name]
-            start = time.perf_counter()
-            tsm, tsn = run_demo(args.data, args.out / f"seed{seed}-{name}",
-                                [f"train.seed={seed}", f"data.seed={seed}", "train.eval_every=0", *extra],
-                                numerics)  # fmt: skip
-            row = {"seed": seed, "numerics": name, "tsm_top1": tsm["top1"], "tsm_direction": tsm["direction"],
-                   "tsn_top1": tsn["top1"], "tsn_direction": tsn["direction"], "margin": margin(tsm, tsn),
-                   "wall_s": time.perf_counter() - start}  # fmt: skip
-            rows.append(row)
-            figures = [row[k] for k in ("tsm_top1", "tsm_direction", "tsn_top1", "tsn_direction", "margin")]
-            cells = " | ".join(f"{f:.1f}" for f in figures)
-            print(f"| {seed} | {name} | {cells} | {row['wall_s']:.0f} |", flush=True)
+    order = [(s, v) for v in variants for s in parse_seeds(args.seeds)]
+    if args.by_seed:
+        order.sort(key=lambda sv: sv[0])
+    for seed, name in order:
+        extra, numerics = VARIANTS[name]
+        start = time.perf_counter()
+        tsm, tsn = run_demo(args.data, args.out / f"seed{seed}-{name}",
+                            [f"train.seed={seed}", f"data.seed={seed}", "train.eval_every=0", *extra],
+                            numerics, parallel=name != "threads2")  # fmt: skip
+        row = {"seed": seed, "numerics": name, "tsm_top1": tsm["top1"], "tsm_direction": tsm["direction"],
+               "tsn_top1": tsn["top1"], "tsn_direction": tsn["direction"], "margin": margin(tsm, tsn),
+               "wall_s": time.perf_counter() - start}  # fmt: skip
+        rows.append(row)
+        figures = [row[k] for k in ("tsm_top1", "tsm_direction", "tsn_top1", "tsn_direction", "margin")]
+        cells = " | ".join(f"{f:.1f}" for f in figures)
+        print(f"| {seed} | {name} | {cells} | {row['wall_s']:.0f} |", flush=True)
     worst = min(r["margin"] for r in rows)
     verdict = "holds" if worst >= 3 else "TOO SMALL"
     print(f"smallest margin to the test's thresholds: {worst:.1f} points ({verdict})")
