@@ -82,17 +82,8 @@ from engine.metrics_log import LogWindow, MetricsLog, MetricsLogError, provenanc
 from engine.optim import ModelEMA, build_optimizer, build_scheduler, scaled_lr
 from engine.plot import save_run_curves
 from engine.preemption import StopRequest, exit_on_signals, restore_signals
-from engine.preflight import (
-    PreflightError,
-    check_free_space,
-    checkpoint_bytes,
-    meta_model,
-    preflight_problems,
-    remove_stale_checkpoint_temps,
-    with_preflight_findings,
-)
+from engine.preflight import PreflightError, claim_run_dir, preflight_problems, with_preflight_findings
 from engine.progress import log_console
-from engine.runlock import RunLock
 from engine.scoring import evaluate_model
 from engine.step import NonFiniteLossError, TrainStep, all_finite
 
@@ -331,16 +322,7 @@ def preflight(cfg: Config, info: DistInfo, console: Console, resuming: bool) -> 
         problems, warnings = preflight_problems(cfg, torch.cuda.is_available(), resuming, lists)
         if not problems:
             try:
-                out_dir = Path(cfg.train.out_dir)
-                lock = RunLock(out_dir, console.print)
-                lock.acquire()
-                for stale in remove_stale_checkpoint_temps(out_dir):
-                    console.print(f"removed {stale.name} (temp file of an interrupted checkpoint write)")
-                from models import build_model
-
-                net = meta_model(lambda: build_model(dataclasses.replace(cfg.model, pretrained="")))
-                need = checkpoint_bytes(net, cfg.optim.name, cfg.optim.momentum, cfg.train.ema > 0)
-                check_free_space(out_dir, need)
+                lock = claim_run_dir(cfg, console.print)
             except ValueError as e:  # PreflightError
                 problems.append(str(e))
         error = join_problems(problems, "preflight") if problems else ""

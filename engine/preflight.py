@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from engine.config import Config, ConfigError
+    from engine.runlock import RunLock
 
 import torch
 from torch import nn
@@ -178,3 +179,27 @@ def meta_model(build: Callable[[], nn.Module]) -> nn.Module:
     """`build()` on the meta device: the shapes of a model without its memory or its init time."""
     with torch.device("meta"):
         return build()
+
+
+def claim_run_dir(cfg: Config, say: Callable[[str], None]) -> RunLock:
+    """Rank 0, once the checks have passed: train.out_dir locked for this run (one trainer per run
+    directory), temp files of interrupted checkpoint writes removed, room for one checkpoint checked.
+    Returns the held lock; a refusal (PreflightError) leaves it released."""
+    import dataclasses
+
+    from engine.runlock import RunLock
+    from models import build_model
+
+    out_dir = Path(cfg.train.out_dir)
+    lock = RunLock(out_dir, say)
+    lock.acquire()
+    try:
+        for stale in remove_stale_checkpoint_temps(out_dir):
+            say(f"removed {stale.name} (temp file of an interrupted checkpoint write)")
+        net = meta_model(lambda: build_model(dataclasses.replace(cfg.model, pretrained="")))
+        need = checkpoint_bytes(net, cfg.optim.name, cfg.optim.momentum, cfg.train.ema > 0)
+        check_free_space(out_dir, need)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
