@@ -11,9 +11,12 @@ one run. Fair by construction:
   process tree;
 - same thread budget N (`--threads`, default data.num_workers): DALI num_threads = DALI py workers =
   DataLoader workers = torch threads = N;
-- CPU-ms per clip = CPU time of this process and all its live descendants during the timed batches
-  (each process's CPU clock in nanoseconds, not /proc's 10 ms ticks; other jobs on a shared machine
-  do not count) / clips, beside clips/s; a ratio needs at least MIN_RATIO_CPU_S of CPU on both sides;
+- CPU-ms per clip = CPU time of this process and all its live descendants from an idle tree to an
+  idle tree around the timed batches (every prefetch queue full before and after, so the CPU in between
+  is exactly the work of those batches; see settle), / clips, beside clips/s (the same span); each
+  process's CPU clock in nanoseconds, not /proc's 10 ms ticks; other jobs on a shared machine do not
+  count; a ratio needs at least MIN_RATIO_CPU_S of CPU on both sides; with --repeats, the median and
+  the spread [min-max];
 - decoded frames per kept frame, counted by an untimed replay of the same clips through the same
   decode code (the DALI video decoder's figure is computed: it decodes from frame 0 to the highest
   requested index, see docs/BENCHMARKS.md);
@@ -185,6 +188,9 @@ class Result:
     gpu: str = "-"
     error: str = ""
     started_at: float = 0.0  # wall clock (Unix s) at the start of the timed window: lines up GPU samplers
+    settled: bool = True  # the window began and ended with an idle tree (settle)
+    cpu_ms_runs: list[float] = dataclasses.field(default_factory=list)  # each repeat's CPU-ms per clip
+    clips_per_s_runs: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def clips_per_s(self) -> float:
@@ -203,28 +209,54 @@ class Result:
                 "cpu_ms_per_clip": self.cpu_ms_per_clip, "cores_used": self.cores_used}  # fmt: skip
 
 
+SETTLE_POLL_S = 0.02  # how often settle() reads the tree's CPU clocks
+SETTLE_IDLE_S = 0.001  # CPU per poll below which the tree counts as idle (5 % of one core)
+SETTLE_TIMEOUT_S = 10.0
+
+
+def settle(tree: set[int], timeout: float = SETTLE_TIMEOUT_S) -> tuple[float, float, bool]:
+    """Wait until the tree is idle: every prefetch queue full, the producers blocked.
+
+    Returns (tree CPU seconds, perf_counter time at which the idle poll began, settled). A loader's
+    producers work ahead of its consumer, so CPU read at the first and last batch would leave out the
+    batches prefetched before the window and count work done for batches after it; between two idle
+    points the queues are in the same (full) state, so the CPU in between is exactly the work of the
+    batches taken. `settled` is False when the tree never went idle within `timeout` (then the figures
+    are those of a plain window)."""
+    cpu, at = tree_cpu_seconds(tree), time.perf_counter()
+    deadline = at + timeout
+    while at < deadline:
+        time.sleep(SETTLE_POLL_S)
+        now_cpu, now = tree_cpu_seconds(tree), time.perf_counter()
+        if now_cpu - cpu < SETTLE_IDLE_S:
+            return now_cpu, at, True
+        cpu, at = now_cpu, now
+    return cpu, at, False
+
+
 def timed(name: str, kind: str, batches: Iterable, warmup: int, count: int, clips_of: Callable,
           cores: set[int]) -> Result:  # fmt: skip
-    """Time `count` batches after `warmup` untimed ones; CPU of the process tree over the same window."""
+    """`count` batches after `warmup` untimed ones, from an idle tree to an idle tree (see settle): CPU
+    of the process tree and wall time from the first request to the end of the refill."""
     it = iter(batches)
     for _ in range(warmup):
         next(it)
     tree = process_tree()  # the workers are up after the warm-up
-    own0 = tree_cpu_seconds(tree)
+    cpu0, _, settled0 = settle(tree)
     started_at = time.time()
     start, clips = time.perf_counter(), 0
     for _ in range(count):
         clips += clips_of(next(it))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    cpu = tree_cpu_seconds(tree)
+    cpu, end, settled = settle(tree)
     if process_tree() - tree:
         raise RuntimeError(f"{name}: processes started inside the timed window (their CPU would be lost)")
     outside = tree_affinity() - cores
     if outside:
         raise RuntimeError(f"{name}: a process of the tree may run on cores {sorted(outside)} (not pinned)")
-    return Result(name, kind, clips, seconds, cpu - own0, gpu=gpu_stats(), started_at=started_at)
+    return Result(name, kind, clips, end - start, cpu - cpu0, gpu=gpu_stats(), started_at=started_at,
+                  settled=settled0 and settled)  # fmt: skip
 
 
 def endless(loader):
@@ -354,6 +386,9 @@ class BaselineDataset(torch.utils.data.Dataset):
             self.decode = frame_folder_decoder(decoder, data.frame_template, data.frame_start)
         else:
             self.decode = baseline_decoder(decoder)
+        if ALIASES.get(decoder, decoder) == "pyav-seek":  # as the route's packet index: ready before the
+            for entry in self.entries:  # workers fork, so no timed window pays for demuxing a file
+                cached_index(entry.path)
         self.mean = torch.tensor(data.mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(data.std).view(1, 3, 1, 1) * 255
 
@@ -486,6 +521,9 @@ def median_result(runs: list[Result]) -> Result:
         runs[0],
         seconds=clips / statistics.median(r.clips_per_s for r in runs),
         cpu_seconds=statistics.median(r.cpu_seconds for r in runs),
+        settled=all(r.settled for r in runs),
+        cpu_ms_runs=[round(r.cpu_ms_per_clip, 2) for r in runs],
+        clips_per_s_runs=[round(r.clips_per_s, 2) for r in runs],
     )
 
 
@@ -517,7 +555,7 @@ def render(results: list[Result], title: str, console: Console) -> None:
     for col in columns:
         table.add_column(col, justify="left" if col == "route" else "right")
     fast, cheap = best_baselines(results)
-    starved = False
+    starved = unsettled = False
     for r in results:
         if r.error:
             table.add_row(r.name, "-", "-", "-", "-", "-", "-", f"[red]{r.error}[/red]")
@@ -528,9 +566,16 @@ def render(results: list[Result], title: str, console: Console) -> None:
         dec = "-" if r.decoded_per_kept is None else f"{r.decoded_per_kept:.2f}"
         if r.decoded_note == "computed":
             dec += " (c)"
-        table.add_row(r.name, f"{r.clips_per_s:.1f}", speed, f"{r.cpu_ms_per_clip:.1f}", cost, dec,
+        cpu_ms = f"{r.cpu_ms_per_clip:.1f}"
+        if len(r.cpu_ms_runs) > 1:  # the spread of the repeats beside their median
+            cpu_ms += f" [{min(r.cpu_ms_runs):.1f}-{max(r.cpu_ms_runs):.1f}]"
+        unsettled |= not r.settled
+        table.add_row(r.name + ("" if r.settled else " *"), f"{r.clips_per_s:.1f}", speed, cpu_ms, cost, dec,
                       f"{r.cores_used:.2f}", r.gpu)  # fmt: skip
     console.print(table)
+    if unsettled:
+        console.print(f"*: the loader's processes never went idle within {SETTLE_TIMEOUT_S:.0f} s around the "
+                      "timed batches, so its window may leave out prefetched work (see settle)")  # fmt: skip
     if fast:
         console.print(f"best baseline: {fast.name} by clips/s, {cheap.name} by CPU-ms per clip; (c) = "
                       "computed (DALI decodes from frame 0 to the highest index it is given)")  # fmt: skip

@@ -8,7 +8,7 @@ import time
 
 from rich.console import Console
 
-from dali_pipes.profile import TOO_LITTLE_CPU, Result, process_cpu_ns, render, tree_cpu_seconds
+from dali_pipes.profile import TOO_LITTLE_CPU, Result, process_cpu_ns, render, settle, tree_cpu_seconds
 
 
 def test_process_clock_counts_a_child_below_one_tick():
@@ -54,3 +54,35 @@ def test_render_prints_ratios_when_enough_was_measured():
     render(rows, "t", console)
     text = console.export_text()
     assert "0.50x" in text and TOO_LITTLE_CPU not in text
+
+
+def _burner(seconds: float) -> subprocess.Popen:
+    """A child that burns `seconds` of CPU (forever if < 0), then waits for a line on stdin."""
+    code = ("import time\nt = time.process_time()\n"
+            f"while {seconds} < 0 or time.process_time() - t < {seconds}: pass\ninput()")  # fmt: skip
+    return subprocess.Popen([sys.executable, "-S", "-c", code], stdin=subprocess.PIPE, text=True)
+
+
+def test_settle_waits_for_the_producers_to_go_idle():
+    """settle() returns only once the tree stops using CPU, with all the work done before that counted
+    (what makes the profiler's window hold exactly the timed batches' work, prefetched or not)."""
+    child = _burner(0.3)
+    try:
+        start = time.perf_counter()
+        cpu, idle_at, settled = settle({child.pid}, timeout=60)
+        assert settled and cpu >= 0.3 and idle_at - start >= 0.25
+        again, _, settled_again = settle({child.pid}, timeout=60)  # already idle: returns at once
+        assert settled_again and again - cpu < 0.01
+    finally:
+        child.communicate("\n", timeout=60)
+
+
+def test_settle_gives_up_on_a_tree_that_never_idles():
+    child = _burner(-1)
+    try:
+        start = time.perf_counter()
+        _, _, settled = settle({child.pid}, timeout=0.3)
+        assert not settled and time.perf_counter() - start < 5
+    finally:
+        child.kill()
+        child.wait(timeout=60)
