@@ -4,6 +4,7 @@ Drawing them from (seed, epoch, sample id) instead of DALI's random operators gi
 clip the same crop and flip, makes resume exact, and keeps the GPU and CPU routes identical (the
 graph only receives the numbers). A crop is returned as a relative region of interest
 (y0, x0, y1, x1) in [0, 1], which `fn.resize(roi_relative=True)` crops and resizes in one step.
+The PyAV route crops and resizes its training clips in the workers instead (`crop_resize`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 TSN_SCALES = (1.0, 0.875, 0.75, 0.66)
 
@@ -99,3 +102,23 @@ def flip_and_label(flip: str, pairs: dict[int, int], label: int, rng: np.random.
     if mirror and flip == "pairs":
         label = pairs.get(label, label)
     return mirror, label
+
+
+def crop_resize(frames: np.ndarray, roi: np.ndarray, size: int) -> np.ndarray:
+    """Frames (n, H, W, 3) uint8 cropped to the relative `roi` (y0, x0, y1, x1) on whole pixels and
+    resized to (n, size, size, 3) uint8: what the graph's fn.resize does, run by the PyAV route's workers.
+
+    torch's antialiased bilinear filter on uint8 (channels-last) is DALI's linear filter with
+    antialiasing, within 1 per pixel value inside the crop (tests/test_dali_loader.py), at a third of
+    DALI's CPU time per frame; run in the worker, it also sends size x size frames to the main process
+    instead of whole ones (docs/BENCHMARKS.md). At the crop's outer rows and columns DALI's filter reads
+    the pixels just outside the crop; this one, like the official TSN/TSM code (crop, then resize), does
+    not. Train crops only: they are whole pixels, where eval crops are fractional.
+    """
+    n, height, width = frames.shape[:3]
+    y0, x0, y1, x1 = roi.tolist()
+    top, left, bottom, right = round(y0 * height), round(x0 * width), round(y1 * height), round(x1 * width)
+    crop = torch.from_numpy(frames).permute(0, 3, 1, 2)[:, :, top:bottom, left:right]  # channels-last
+    if crop.shape[-2:] != (size, size):
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return np.ascontiguousarray(crop.permute(0, 2, 3, 1).numpy())

@@ -44,7 +44,7 @@ def clip_graph(
     inputs, (rois, mirror, label, ident, replaced) = outs[: len(names)], outs[len(names) :]
     mixed = "mixed" if device == "gpu" else "cpu"
     if kind == "pyav":  # decoded by PyAV in the workers (the CPU route only, see loader.source_kind)
-        frames = inputs[0]
+        frames = inputs[0]  # in training already cropped and resized there (ClipSource.resizes)
         out_layout = "FCHW"
     elif kind == "bytes":
         frames = fn.decoders.video(inputs[0], frames=inputs[1], device=mixed)
@@ -54,9 +54,11 @@ def clip_graph(
         out_layout = "CHW"
     views = []
     for c in range(num_crops):
-        view = fn.resize(
-            frames, size=[out_size, out_size], roi_start=rois[c, 0:2], roi_end=rois[c, 2:4], roi_relative=True
-        )
+        if source.resizes:
+            view = frames
+        else:
+            view = fn.resize(frames, size=[out_size, out_size], roi_start=rois[c, 0:2], roi_end=rois[c, 2:4],
+                             roi_relative=True)  # fmt: skip
         view = fn.crop_mirror_normalize(
             view,
             mirror=mirror,
@@ -66,5 +68,5 @@ def clip_graph(
             output_layout=out_layout,
         )
         views.append(view)
-    clips = fn.stack(*views)
+    clips = fn.stack(*views) if num_crops > 1 else fn.expand_dims(views[0], axes=[0])  # no copy of one view
     return clips, label, ident, replaced

@@ -3,8 +3,9 @@
 `epoch_order` decides which list lines a rank reads in an epoch (pure: seed, epoch, rank, world).
 `ClipSource` is the per-sample callback DALI runs in its worker processes: it maps DALI's
 (epoch_idx, idx_in_epoch) to a list line, samples frame indices and crop/flip parameters from
-(seed, epoch, sample id), and returns either decoded frames (PyAV route), the encoded file plus
-indices (DALI decoders) or one JPEG (frame folders). Bad files are detected here, per sample, so
+(seed, epoch, sample id), and returns either decoded frames (PyAV route; in training already cropped
+and resized, see `ClipSource.resizes`), the encoded file plus indices (DALI decoders) or one JPEG
+(frame folders). Bad files are detected here, per sample, so
 the error names the file and the list line instead of failing a whole DALI batch anonymously.
 """
 
@@ -18,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from engine.lifetime import die_with_parent  # (the DALI workers': see ClipSource.__call__)
 
-from .augment import eval_crops, flip_and_label, multiscale_crop, random_resized_crop, to_roi
+from .augment import crop_resize, eval_crops, flip_and_label, multiscale_crop, random_resized_crop, to_roi
 from .listfile import Entry
 from .sampling import REPLACE, SPATIAL, SamplingOptions, clip_indices, sample_rng
 
@@ -39,6 +41,18 @@ LEFT_OUT = -2  # id of a bad val/test sample with skip_bad (dropped and counted 
 
 
 _WARNED: set[tuple[str, str]] = set()  # (list line, split) already reported by this process
+_WORKER_PID = 0  # the DALI worker process set up by _enter_worker
+
+
+def _enter_worker(owner_pid: int) -> None:
+    """Once per DALI worker process: die with the trainer, and one torch thread (the thread budget is
+    the number of workers; crop_resize would otherwise start a pool the size of the machine)."""
+    global _WORKER_PID
+    if _WORKER_PID == os.getpid():
+        return
+    _WORKER_PID = os.getpid()
+    die_with_parent(owner_pid, ignore_sigint=True)
+    torch.set_num_threads(1)
 
 
 class ClipLoadError(RuntimeError):
@@ -181,6 +195,13 @@ class ClipSource:
     _clip: tuple = field(default=(), repr=False)
 
     @property
+    def resizes(self) -> bool:
+        """Whether the workers crop and resize (augment.crop_resize), leaving the graph to flip and
+        normalise: the PyAV route in training, whose crops are whole pixels. It moves the resize out of
+        the main process at a third of the CPU (docs/BENCHMARKS.md); eval keeps DALI's fractional crops."""
+        return self.kind == "pyav" and self.split == "train"
+
+    @property
     def group(self) -> int:
         """DALI samples per video: 1, or every frame of every clip for frame folders."""
         if self.kind != "frames":
@@ -195,7 +216,7 @@ class ClipSource:
 
     def __call__(self, info) -> tuple:
         if os.getpid() != self.owner_pid:  # in a worker process (parallel external source)
-            die_with_parent(self.owner_pid, ignore_sigint=True)
+            _enter_worker(self.owner_pid)
         epoch = self.base_epoch + info.epoch_idx
         skip = self.start_batch * self.batch * self.group if info.epoch_idx == 0 else 0
         pos, frame_k = divmod(skip + info.idx_in_epoch, self.group)
@@ -300,6 +321,8 @@ class ClipSource:
         else:  # bytes for fn.decoders.video; the index check keeps DALI from padding black frames
             payload, (width, height) = self._encoded(entry, indices)
         rois, mirror, label = self.spatial_params(width, height, entry.label, epoch, sid)
+        if self.resizes:
+            payload = (crop_resize(payload[0], rois[0], self.spatial.out_size),)
         return (*payload, rois, mirror, np.array(label, dtype=np.int64))
 
     def _encoded(self, entry: Entry, indices: np.ndarray) -> tuple[tuple, tuple[int, int]]:

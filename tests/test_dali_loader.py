@@ -528,3 +528,111 @@ def test_gpu_shapes_and_devices(nvdec_dataset):
         batch = next(iter(loader))
         loader.close()
         assert tuple(batch["clips"].shape) == shape and batch["clips"].is_cuda and batch["labels"].is_cuda
+
+
+def test_held_batches_are_never_overwritten(dataset):
+    """The CPU route hands out DALI's own output memory (no copy): batches kept by the caller stay as
+    they were while the loader runs two more epochs (a reuse of that memory would change them)."""
+    loader = build_loader(cfg(dataset, seed=3, num_workers=2, prefetch=2), "train")
+    held = list(loader)  # the batches themselves, not copies
+    snapshot = [{k: v.clone() for k, v in b.items()} for b in held]
+    later = collect(loader, epochs=2)
+    loader.close()
+    assert same_batches(held, snapshot)
+    assert not same_batches(later[: len(held)], snapshot)  # epoch 1 differs: the memory was live
+
+
+def test_worker_resize_matches_the_graphs_resize(dataset, monkeypatch):
+    """The PyAV route crops and resizes training clips in its workers (augment.crop_resize, torch's
+    antialiased bilinear); the same batches with DALI's fn.resize in the graph differ by at most one
+    pixel value inside the crop (multi-scale crops of 64x48 frames resized to 32 px, so the filter really
+    works). Only the outer two rows and columns differ more: DALI's filter reads pixels beyond the crop
+    there, crop_resize (as the official TSN/TSM code: crop, then resize) does not."""
+    from dali_pipes.source import ClipSource
+
+    data = cfg(dataset, seed=4, num_workers=2, **RAW)
+    loader = build_loader(data, "train")
+    assert loader.source.resizes
+    ours = collect(loader)
+    loader.close()
+    monkeypatch.setattr(ClipSource, "resizes", property(lambda self: False))
+    graph = build_loader(data, "train")
+    assert not graph.source.resizes
+    theirs = collect(graph)
+    graph.close()
+    assert len(ours) == len(theirs) == 4
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["ids"], b["ids"])
+        diff = (a["clips"] - b["clips"]).abs()
+        assert float(diff[..., 2:-2, 2:-2].max()) <= 1.0 + 1e-4 and float(diff.mean()) < 0.1
+
+
+def test_crop_resize_is_dalis_resize_within_one():
+    """augment.crop_resize against fn.resize on natural-looking content (smooth gradients plus noise),
+    several whole-pixel crops down- and upscaled: within one pixel value inside the crop (see above for
+    the border); identity crops are copied exactly."""
+    from nvidia.dali import fn, pipeline_def
+
+    from dali_pipes.augment import crop_resize
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:90, 0:120]
+    base = np.stack([xx * 2, yy * 2, (xx + yy)], axis=-1) % 256
+    frames = np.clip(base[None] + rng.normal(0, 20, (3, 90, 120, 3)), 0, 255).astype(np.uint8)
+    boxes = [(0, 0, 90, 90), (13, 7, 70, 61), (30, 0, 90, 90), (5, 5, 40, 40)]  # x0, y0, w, h
+    for size in (32, 64):
+        rois = [np.array([y0 / 90, x0 / 120, (y0 + h) / 90, (x0 + w) / 120], np.float32)
+                for x0, y0, w, h in boxes]  # fmt: skip
+
+        @pipeline_def(enable_conditionals=False)
+        def graph(rois: list, size: int):
+            f = fn.external_source(source=lambda: [frames] * len(rois), batch=True, layout="FHWC")
+            r = fn.external_source(source=lambda: rois, batch=True)
+            return fn.resize(f, size=[size, size], roi_start=r[0:2], roi_end=r[2:4], roi_relative=True)
+
+        pipe = graph(rois, size, batch_size=len(rois), num_threads=1, device_id=None)
+        pipe.build()
+        (out,) = pipe.run()
+        for k, roi in enumerate(rois):
+            ours = crop_resize(frames, roi, size)
+            assert ours.shape == (3, size, size, 3) and ours.dtype == np.uint8
+            diff = np.abs(ours.astype(int) - np.array(out[k]).astype(int))[:, 2:-2, 2:-2]
+            assert diff.max() <= 1 and diff.mean() < 0.3, (size, boxes[k], diff.max(), diff.mean())
+    x0, y0 = 10, 20
+    exact = crop_resize(frames, np.array([y0 / 90, x0 / 120, (y0 + 32) / 90, (x0 + 32) / 120]), 32)
+    assert np.array_equal(exact, frames[:, y0 : y0 + 32, x0 : x0 + 32])
+
+
+@pytest.mark.parametrize("kind", ["h264_yuv444_bframes", "vp9_10bit", "h264_audio_first"])
+def test_open_without_probe_decode_keeps_the_real_format(tmp_path, ffmpeg_available, kind):
+    """decode_frames opens H.264/HEVC/VP8/VP9 telling FFmpeg's stream probe a pixel format, so the probe
+    does not decode a frame; the decoder still takes the real one from the bitstream: 4:4:4, 10-bit and
+    an audio stream before the video give the straight decode's pixels."""
+    from dali_pipes.packet_index import build_video_index
+    from dali_pipes.video_io import PROBE_WITHOUT_DECODING, _open
+
+    src = ["-f", "lavfi", "-i", f"testsrc=size={W}x{H}:rate=25:duration=1.44"]  # 36 frames
+    if kind == "h264_yuv444_bframes":
+        if "libx264" not in av.codecs_available:
+            pytest.skip("PyAV's FFmpeg has no libx264 encoder")
+        path, out = tmp_path / "a.mp4", ["-c:v", "libx264", "-pix_fmt", "yuv444p", "-bf", "3", "-g", "12"]
+    elif kind == "vp9_10bit":
+        path = tmp_path / "a.webm"
+        out = ["-c:v", "libvpx-vp9", "-pix_fmt", "yuv420p10le", "-deadline", "realtime", "-cpu-used", "8",
+               "-g", "12"]  # fmt: skip
+    else:
+        path = tmp_path / "a.mkv"
+        src = ["-f", "lavfi", "-i", "sine=duration=2", *src]
+        out = ["-map", "0:a", "-map", "1:v", "-c:a", "flac", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+               "-bf", "2", "-g", "12"]  # fmt: skip
+    subprocess.run(["ffmpeg", "-v", "error", *src, *out, str(path)], check=True, timeout=120)
+    index = build_video_index(str(path))
+    assert index.codec in PROBE_WITHOUT_DECODING
+    with _open(str(path), index.codec) as container:  # the probe was told yuv420p ...
+        assert container.streams.video[0].codec_context.pix_fmt == "yuv420p"
+        real = next(container.decode(video=0)).format.name  # ... the frames carry their own format
+    assert real == {"h264_yuv444_bframes": "yuv444p", "vp9_10bit": "yuv420p10le"}.get(kind, "yuv420p")
+    ref = decode_all(str(path))
+    rng = np.random.default_rng(2)
+    for want in [np.arange(len(ref))] + [rng.integers(0, len(ref), 8) for _ in range(4)]:
+        assert np.array_equal(decode_frames(str(path), want, index), ref[want]), want
