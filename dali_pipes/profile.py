@@ -16,7 +16,8 @@ one run. Fair by construction:
   is exactly the work of those batches; see settle), / clips, beside clips/s (the same span); each
   process's CPU clock in nanoseconds, not /proc's 10 ms ticks; other jobs on a shared machine do not
   count; a ratio needs at least MIN_RATIO_CPU_S of CPU on both sides; with --repeats, the median and
-  the spread [min-max];
+  the spread [min-max]; and the part of it spent in this process (the consumer: DALI's graph and the
+  hand-over for the routes, the collate for the DataLoaders), the rest being worker processes;
 - decoded frames per kept frame, counted by an untimed replay of the same clips through the same
   decode code (the DALI video decoder's figure is computed: it decodes from frame 0 to the highest
   requested index, see docs/BENCHMARKS.md);
@@ -183,6 +184,7 @@ class Result:
     clips: int = 0
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # process tree, timed window
+    main_cpu_seconds: float = 0.0  # of which this (the consuming) process: DALI's graph, the hand-over
     decoded_per_kept: float | None = None
     decoded_note: str = ""  # "counted" | "computed" | why missing
     gpu: str = "-"
@@ -201,12 +203,17 @@ class Result:
         return 1000.0 * self.cpu_seconds / self.clips if self.clips else 0.0
 
     @property
+    def main_cpu_ms_per_clip(self) -> float:
+        return 1000.0 * self.main_cpu_seconds / self.clips if self.clips else 0.0
+
+    @property
     def cores_used(self) -> float:
         return self.cpu_seconds / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "clips_per_s": self.clips_per_s,
-                "cpu_ms_per_clip": self.cpu_ms_per_clip, "cores_used": self.cores_used}  # fmt: skip
+                "cpu_ms_per_clip": self.cpu_ms_per_clip, "main_cpu_ms_per_clip": self.main_cpu_ms_per_clip,
+                "cores_used": self.cores_used}  # fmt: skip
 
 
 SETTLE_POLL_S = 0.02  # how often settle() reads the tree's CPU clocks
@@ -243,6 +250,7 @@ def timed(name: str, kind: str, batches: Iterable, warmup: int, count: int, clip
         next(it)
     tree = process_tree()  # the workers are up after the warm-up
     cpu0, _, settled0 = settle(tree)
+    main0 = process_cpu_ns(os.getpid()) or 0
     started_at = time.time()
     start, clips = time.perf_counter(), 0
     for _ in range(count):
@@ -250,12 +258,13 @@ def timed(name: str, kind: str, batches: Iterable, warmup: int, count: int, clip
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     cpu, end, settled = settle(tree)
+    main = ((process_cpu_ns(os.getpid()) or 0) - main0) / 1e9
     if process_tree() - tree:
         raise RuntimeError(f"{name}: processes started inside the timed window (their CPU would be lost)")
     outside = tree_affinity() - cores
     if outside:
         raise RuntimeError(f"{name}: a process of the tree may run on cores {sorted(outside)} (not pinned)")
-    return Result(name, kind, clips, end - start, cpu - cpu0, gpu=gpu_stats(), started_at=started_at,
+    return Result(name, kind, clips, end - start, cpu - cpu0, main, gpu=gpu_stats(), started_at=started_at,
                   settled=settled0 and settled)  # fmt: skip
 
 
@@ -521,6 +530,7 @@ def median_result(runs: list[Result]) -> Result:
         runs[0],
         seconds=clips / statistics.median(r.clips_per_s for r in runs),
         cpu_seconds=statistics.median(r.cpu_seconds for r in runs),
+        main_cpu_seconds=statistics.median(r.main_cpu_seconds for r in runs),
         settled=all(r.settled for r in runs),
         cpu_ms_runs=[round(r.cpu_ms_per_clip, 2) for r in runs],
         clips_per_s_runs=[round(r.clips_per_s, 2) for r in runs],
@@ -550,15 +560,15 @@ def enough_cpu(*results: Result) -> bool:
 
 def render(results: list[Result], title: str, console: Console) -> None:
     table = Table(title=title)
-    columns = ("route", "clips/s", "vs best clips/s", "CPU-ms/clip", "vs best CPU-ms", "decoded/kept frame",
-               "cores used", "GPU mem / NVDEC")  # fmt: skip
+    columns = ("route", "clips/s", "vs best clips/s", "CPU-ms/clip", "vs best CPU-ms", "main CPU-ms",
+               "decoded/kept frame", "cores used", "GPU mem / NVDEC")  # fmt: skip
     for col in columns:
         table.add_column(col, justify="left" if col == "route" else "right")
     fast, cheap = best_baselines(results)
     starved = unsettled = False
     for r in results:
         if r.error:
-            table.add_row(r.name, "-", "-", "-", "-", "-", "-", f"[red]{r.error}[/red]")
+            table.add_row(r.name, "-", "-", "-", "-", "-", "-", "-", f"[red]{r.error}[/red]")
             continue
         speed = ratio(r.clips_per_s, fast.clips_per_s) if fast else "-"
         cost = ratio(r.cpu_ms_per_clip, cheap.cpu_ms_per_clip, enough_cpu(r, cheap)) if cheap else "-"
@@ -570,8 +580,8 @@ def render(results: list[Result], title: str, console: Console) -> None:
         if len(r.cpu_ms_runs) > 1:  # the spread of the repeats beside their median
             cpu_ms += f" [{min(r.cpu_ms_runs):.1f}-{max(r.cpu_ms_runs):.1f}]"
         unsettled |= not r.settled
-        table.add_row(r.name + ("" if r.settled else " *"), f"{r.clips_per_s:.1f}", speed, cpu_ms, cost, dec,
-                      f"{r.cores_used:.2f}", r.gpu)  # fmt: skip
+        table.add_row(r.name + ("" if r.settled else " *"), f"{r.clips_per_s:.1f}", speed, cpu_ms, cost,
+                      f"{r.main_cpu_ms_per_clip:.1f}", dec, f"{r.cores_used:.2f}", r.gpu)  # fmt: skip
     console.print(table)
     if unsettled:
         console.print(f"*: the loader's processes never went idle within {SETTLE_TIMEOUT_S:.0f} s around the "
@@ -640,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --baseline {wrong[0]}: not for data.source: {data.source} (frame folders: "
               f"{', '.join(FRAME_BASELINES)}; videos: {', '.join(BASELINES)})", file=sys.stderr)  # fmt: skip
         return 2
-    console = Console(width=160)
+    console = Console(width=180)
     try:
         n = len(read_list(data.train_list, data.root))
     except ListFileError as e:
