@@ -483,8 +483,9 @@ def route_name(data: DataConfig, decoder: str) -> str:
 
 
 def profile(data: DataConfig, decoders: list[str], baselines: list[str], batches: int, warmup: int,
-            cores: set[int]) -> list[Result]:  # fmt: skip
-    """One measurement of every route and baseline, one after the other."""
+            cores: set[int], count_decoded: bool = True) -> list[Result]:  # fmt: skip
+    """One measurement of every route and baseline, one after the other; `count_decoded`: also replay
+    the clips to count decoded frames per kept frame (the same in every repeat: the first does it)."""
     results = []
     clips = batches * data.batch_size
     for decoder in decoders:
@@ -496,7 +497,7 @@ def profile(data: DataConfig, decoders: list[str], baselines: list[str], batches
                 r = timed(name, "route", endless(loader), warmup, batches, lambda b: len(b["labels"]), cores)
             finally:
                 loader.close()
-            if data.source != "frames":
+            if data.source != "frames" and count_decoded:
                 r.decoded_per_kept, r.decoded_note = decoded_per_kept(cfg, f"route:{source_kind(cfg)}", clips)
             results.append(r)
         except Exception as e:
@@ -513,7 +514,7 @@ def profile(data: DataConfig, decoders: list[str], baselines: list[str], batches
             loader = baseline_loader(data, name, cores)
             r = timed(label, "baseline", endless(loader), warmup, batches, lambda b: len(b[1]), cores)
             del loader
-            if data.source != "frames":
+            if data.source != "frames" and count_decoded:
                 r.decoded_per_kept, r.decoded_note = decoded_per_kept(data, name, clips)
             results.append(r)
         except Exception as e:
@@ -661,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{data.input_size}px, cores {','.join(map(str, sorted(cores)))}, thread budget {budget} "
              f"(DALI threads = workers = torch threads), {args.batches} timed batches, "
              f"{args.repeats} repeat(s) (median)")  # fmt: skip
-    runs = [profile(data, decoders, baselines, args.batches, args.warmup, cores) for _ in range(args.repeats)]
+    runs = [profile(data, decoders, baselines, args.batches, args.warmup, cores, count_decoded=k == 0)
+            for k in range(args.repeats)]  # fmt: skip
     results = [median_result(list(same)) for same in zip(*runs, strict=True)]
     render(results, title, console)
     if args.plot:
