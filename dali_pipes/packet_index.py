@@ -243,6 +243,7 @@ ENTRY_HEAD = struct.Struct("<qqqqiiiiIHBhI16s")  # see _encode
 ROW = struct.Struct("<qQB")  # base, divisor, bytes per value (0: every value is `base`)
 PAD = 8  # zero bytes after a record's rows: every value is read with one 4- or 8-byte load
 RECENT = 64  # entries demuxed by get() kept per process (changed files): bounded, never grows with an epoch
+REL_DIRS = 65536  # folders outside the list's whose key prefix key() remembers (Kinetics: 400 class folders)
 WRITE_CHUNK = 1 << 20
 
 
@@ -518,6 +519,7 @@ class PacketIndex:
         self._pending: dict[str, tuple[tuple[int, int], VideoIndex]] = {}  # built, not yet written
         self._recent: OrderedDict[str, tuple[tuple[int, int], VideoIndex]] = OrderedDict()
         self.builds = 0  # entries demuxed by this process (tests check that a stored index is reused)
+        self._rel_dirs: dict[str, str] = {}  # folder outside the list's -> its key prefix (key())
 
     def __getstate__(self) -> dict:  # workers open the file themselves
         return {"path": self.path, "_pending": self._pending}
@@ -527,10 +529,19 @@ class PacketIndex:
         self._pending = dict(state["_pending"])
 
     def key(self, path: str) -> str:
+        """`path` relative to the list's folder, with / (the index's key: the same data elsewhere matches).
+        Videos outside that folder (a list kept apart from the data) go through os.path.relpath once per
+        folder, not per lookup: it cost 15 µs a lookup (docs/BENCHMARKS.md)."""
         full = os.path.abspath(path)
         if full.startswith(self._prefix):
             return full[len(self._prefix) :].replace(os.sep, "/")
-        return Path(os.path.relpath(full, os.path.abspath(self.base))).as_posix()
+        folder, name = os.path.split(full)
+        rel = self._rel_dirs.get(folder)
+        if rel is None:
+            rel = Path(os.path.relpath(folder, os.path.abspath(self.base))).as_posix()
+            if len(self._rel_dirs) < REL_DIRS:
+                self._rel_dirs[folder] = rel
+        return f"{rel}/{name}"
 
     def _file(self) -> Path:
         """The file to read: beside the list, or the cache copy when that one is newer."""

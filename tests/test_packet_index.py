@@ -241,3 +241,16 @@ def test_digest_from_the_file_is_the_fresh_builds_and_sees_the_payload(tmp_path,
     changed = build_video_index(video)
     assert np.array_equal(changed.packets, packets) and changed.payload_hash != fresh.payload_hash
     assert video_digest(changed) != video_digest(fresh)
+
+
+def test_keys_of_videos_outside_the_list_folder(tmp_path):
+    """Keys are paths relative to the list's folder, `../` included for a list kept apart from the data;
+    the folder's prefix is computed once per folder (relpath per lookup cost 15 µs), bounded."""
+    index = PacketIndex(tmp_path / "lists" / "train.txt.index")
+    inside = tmp_path / "lists" / "sub" / "a.mp4"
+    outside = [tmp_path / "data" / f"c{i % 3}" / f"v{i}.mp4" for i in range(9)] + [Path("/elsewhere/x.webm")]
+    for p in [inside, *outside]:
+        want = Path(os.path.relpath(os.path.abspath(p), tmp_path / "lists")).as_posix()
+        assert index.key(str(p)) == want
+    assert index.key(str(inside)) == "sub/a.mp4" and index.key(str(outside[0])) == "../data/c0/v0.mp4"
+    assert len(index._rel_dirs) == 4  # c0, c1, c2 and /elsewhere: one entry per folder
