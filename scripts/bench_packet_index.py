@@ -1,6 +1,7 @@
 """The packet index at Kinetics scale: a synthesized index of 240k videos x 300 packets, measured.
 
     python scripts/bench_packet_index.py [--entries 240000] [--packets 300] [--workers 8] [--real VIDEO ...]
+    python scripts/bench_packet_index.py --real-list LIST [--jobs 2] [--workers 8]
 
 Prints one table (docs/BENCHMARKS.md): bytes on disk per packet, build CPU (encoding and writing every
 entry; demuxing real videos is measured separately with --real), open time, lookup time, memory of
@@ -8,7 +9,9 @@ forked workers after an epoch of random lookups, start-up per rank (sealed list;
 appended segment. The synthetic tables imitate H.264 in MP4 after prep.resize: GOP 16 with B-frames
 (reordered pts), 1/15360 time base, lognormal frame sizes (I 25 KB, P 6 KB, B 1.5 KB median) and an
 AAC frame between most video packets (offset gaps of 170-480 bytes), as measured on ffmpeg's output.
-Everything is written to a temporary folder and removed.
+Everything is written to a temporary folder and removed. With --real-list, the same table for a list of
+real videos: its index is built into a temporary folder by demuxing every listed file (build CPU of this
+process and its `--jobs` workers), sealed for a copy of the list, then measured the same way.
 """
 
 from __future__ import annotations
@@ -142,6 +145,101 @@ def real_bytes(paths: list[str]) -> list[str]:
     return lines
 
 
+def measure(index_file: Path, list_path: Path, paths: list[str], workers_n: int, lookups: int) -> list[str]:
+    """The rows every index gets: memory and time to open, lookup and decode, forked workers' memory
+    over their lookups, start-up per rank (sealed list; a 1/workers share looked up)."""
+    rows = []
+    def open_index() -> None:
+        pi.PacketIndex(index_file).reader()
+
+    held = [memory()]
+    kept = pi.PacketIndex(index_file)
+    kept.reader()
+    held.append(memory())
+    rows.append(f"| open: memory added to the process | private / RSS | "
+                f"{(held[1]['private'] - held[0]['private']) / 1024:.2f} / "
+                f"{(held[1]['rss'] - held[0]['rss']) / 1024:.2f} MiB |")  # fmt: skip
+    opened = timed(open_index, 20)
+    rows.append(f"| open | PacketIndex(...).reader(), warm page cache | {opened * 1e3:.2f} ms CPU |")
+    index = pi.PacketIndex(index_file)
+    rng = random.Random(1)
+    sample = [paths[rng.randrange(len(paths))] for _ in range(10_000)]
+    recs = {p: index._find(index.key(p)) for p in sample[:100]}
+    stamps = {p: r.stamp for p, r in recs.items()}
+
+    def find_all() -> None:
+        for p in sample:
+            index._find(index.key(p))
+
+    def stored_all() -> None:
+        for p in sample[:100] * 20:
+            index.stored(p, stamps[p])
+
+    table = index.stored(sample[0], stamps[sample[0]]).packets
+
+    def assemble_all() -> None:
+        for _ in range(2000):
+            pi._assemble(table, 426, 320, "h264", (1, 15360), b"", "x.mp4")
+
+    find = timed(find_all, 3) / len(sample)
+    assemble = timed(assemble_all, 3) / 2000
+    full = timed(stored_all, 3) / 2000
+    rows.append(f"| lookup | key -> record (binary search + pread), random keys | "
+                f"{find * 1e6:.1f} µs CPU |")  # fmt: skip
+    rows.append(f"| lookup + decode | key -> VideoIndex (packets, frame order, keyframes) | "
+                f"{full * 1e6:.1f} µs CPU |")  # fmt: skip
+    rows.append(f"| of which frame order | _assemble: pts sort, keyframes, lists (as in format 4) | "
+                f"{assemble * 1e6:.1f} µs CPU |")  # fmt: skip
+
+    marks = workers(index_file, np.array([p.encode() for p in paths]), workers_n, lookups)
+    for label, at in (("after 1,000 lookups", 0), (f"after {lookups:,} lookups", 1)):
+        rss = statistics.mean(m[at]["rss"] for m in marks) / 1024
+        pss = statistics.mean(m[at]["pss"] for m in marks) / 1024
+        private = statistics.mean(m[at]["private"] for m in marks) / 1024
+        rows.append(f"| {workers_n} forked workers, {label} | mean per worker | "
+                    f"RSS {rss:.1f} MiB, PSS {pss:.1f} MiB, private {private:.1f} MiB |")  # fmt: skip
+
+    def sealed_start() -> None:
+        assert pi.prepare_index(list_path, paths, 0, 1)[1] == 0
+
+    rows.append(f"| start-up per rank, list sealed | prepare_index (one stat) | "
+                f"{timed(sealed_start, 5) * 1e3:.2f} ms CPU |")  # fmt: skip
+    share = paths[:: workers_n]
+    cpu = time.process_time()
+    assert pi.PacketIndex(index_file).missing(share, check_stamps=False) == []
+    rows.append(f"| start-up per rank, list changed | lookups of a 1/{workers_n} share "
+                f"({len(share):,} keys), no stat | {time.process_time() - cpu:.2f} s CPU |")  # fmt: skip
+
+    return rows
+
+
+def real_list_rows(list_file: Path, jobs: int, workers_n: int, lookups: int) -> list[str]:
+    """The table for the videos of a real list, indexed from scratch in a temporary folder."""
+    from dali_pipes.listfile import read_list
+
+    entries = read_list(str(list_file))
+    with tempfile.TemporaryDirectory(prefix="bench_packet_index.") as tmp:
+        list_path = Path(tmp) / "list.txt"  # absolute paths: the index is written here, not by the list
+        list_path.write_text("".join(f"{e.path} {e.num_frames} {e.label}\n" for e in entries))
+        paths = [e.path for e in entries]
+        index_file = pi.index_path_for(list_path)
+        cpu = time.process_time()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        built = pi.PacketIndex(index_file).update(paths, jobs, seal=pi.file_stamp(str(list_path)))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        waited = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+        build = time.process_time() - cpu + waited
+        index = pi.PacketIndex(index_file)
+        packets = sum(len(index.get(p).packets) for p in paths)
+        size = index_file.stat().st_size
+        codecs = sorted({index.get(p).codec for p in paths})
+        rows = [f"| real index | {len(paths):,} videos ({', '.join(codecs)}), {packets / len(paths):.0f} "
+                f"packets each on average | {size / 2**20:,.2f} MiB, {size / packets:.2f} B/packet; build "
+                f"(demux {built:,} files with {jobs} processes + write) {build:.1f} s CPU |"]  # fmt: skip
+        rows += measure(index_file, list_path, paths, workers_n, lookups)
+    return rows
+
+
 def main() -> None:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
@@ -150,8 +248,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--lookups", type=int, default=10_000, help="random lookups per worker")
     parser.add_argument("--real", nargs="*", default=[], help="videos to index for bytes and demux CPU")
+    parser.add_argument("--real-list", type=Path, help="measure the index of a list of real videos instead")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="--real-list: demux processes")
     args = parser.parse_args()
     lookups = args.lookups
+    if args.real_list:
+        print("| what | how | measured |\n|---|---|---|")
+        print("\n".join(real_list_rows(args.real_list, args.jobs, args.workers, lookups)))
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_packet_index.") as tmp:
         folder = Path(tmp)
@@ -166,66 +270,7 @@ def main() -> None:
                     f"{size / 2**20:,.0f} MiB, {size / (args.entries * args.packets):.2f} B/packet; "
                     f"build (encode + write) {cpu:.1f} s CPU |")  # fmt: skip
 
-        def open_index() -> None:
-            pi.PacketIndex(index_file).reader()
-
-        held = [memory()]
-        kept = pi.PacketIndex(index_file)
-        kept.reader()
-        held.append(memory())
-        rows.append(f"| open: memory added to the process | private / RSS | "
-                    f"{(held[1]['private'] - held[0]['private']) / 1024:.2f} / "
-                    f"{(held[1]['rss'] - held[0]['rss']) / 1024:.2f} MiB |")  # fmt: skip
-        opened = timed(open_index, 20)
-        rows.append(f"| open | PacketIndex(...).reader(), warm page cache | {opened * 1e3:.2f} ms CPU |")
-        index = pi.PacketIndex(index_file)
-        rng = random.Random(1)
-        sample = [paths[rng.randrange(len(paths))] for _ in range(10_000)]
-        recs = {p: index._find(index.key(p)) for p in sample[:100]}
-        stamps = {p: r.stamp for p, r in recs.items()}
-
-        def find_all() -> None:
-            for p in sample:
-                index._find(index.key(p))
-
-        def stored_all() -> None:
-            for p in sample[:100] * 20:
-                index.stored(p, stamps[p])
-
-        table = index.stored(sample[0], stamps[sample[0]]).packets
-
-        def assemble_all() -> None:
-            for _ in range(2000):
-                pi._assemble(table, 426, 320, "h264", (1, 15360), b"", "x.mp4")
-
-        find = timed(find_all, 3) / len(sample)
-        assemble = timed(assemble_all, 3) / 2000
-        full = timed(stored_all, 3) / 2000
-        rows.append(f"| lookup | key -> record (binary search + pread), random keys | "
-                    f"{find * 1e6:.1f} µs CPU |")  # fmt: skip
-        rows.append(f"| lookup + decode | key -> VideoIndex (packets, frame order, keyframes) | "
-                    f"{full * 1e6:.1f} µs CPU |")  # fmt: skip
-        rows.append(f"| of which frame order | _assemble: pts sort, keyframes, lists (as in format 4) | "
-                    f"{assemble * 1e6:.1f} µs CPU |")  # fmt: skip
-
-        marks = workers(index_file, np.array([p.encode() for p in paths]), args.workers, lookups)
-        for label, at in (("after 1,000 lookups", 0), (f"after {lookups:,} lookups", 1)):
-            rss = statistics.mean(m[at]["rss"] for m in marks) / 1024
-            pss = statistics.mean(m[at]["pss"] for m in marks) / 1024
-            private = statistics.mean(m[at]["private"] for m in marks) / 1024
-            rows.append(f"| {args.workers} forked workers, {label} | mean per worker | "
-                        f"RSS {rss:.1f} MiB, PSS {pss:.1f} MiB, private {private:.1f} MiB |")  # fmt: skip
-
-        def sealed_start() -> None:
-            assert pi.prepare_index(list_path, paths, 0, 1)[1] == 0
-
-        rows.append(f"| start-up per rank, list sealed | prepare_index (one stat) | "
-                    f"{timed(sealed_start, 5) * 1e3:.2f} ms CPU |")  # fmt: skip
-        share = paths[:: args.workers]
-        cpu = time.process_time()
-        assert pi.PacketIndex(index_file).missing(share, check_stamps=False) == []
-        rows.append(f"| start-up per rank, list changed | lookups of a 1/{args.workers} share "
-                    f"({len(share):,} keys), no stat | {time.process_time() - cpu:.2f} s CPU |")  # fmt: skip
+        rows += measure(index_file, list_path, paths, args.workers, lookups)
 
         before = index_file.read_bytes()[pi.FILE_HEAD.size : pi.FILE_HEAD.size + 2**20]
         table = synthetic_table(args.packets, np.random.default_rng(9))
