@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from nvidia.dali import types
+from nvidia.dali.backend import TensorListCPU
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from engine.config import DataConfig, EvalConfig
@@ -318,7 +319,7 @@ class ClipLoader:
 
     def _to_torch(self, tensor_list, device: torch.device) -> torch.Tensor:
         dense = tensor_list.as_tensor()
-        if device.type == "cpu" and tensor_list.__class__.__name__ == "TensorListCPU":
+        if device.type == "cpu" and isinstance(tensor_list, TensorListCPU):
             # No copy: the pipeline runs with exec_dynamic, whose outputs live (from DALI's memory pool)
             # while anything references them. A copy into a new torch tensor cost the CPU route 2 ms per
             # 224 px clip, half of it page faults on the fresh memory (docs/BENCHMARKS.md).
